@@ -1,0 +1,279 @@
+"""Layer inputs and backpropagated output cotangents: one forward pass, one batched backward pass.
+
+Every Fisher-type curvature — exact GGN, Monte-Carlo Fisher, empirical Fisher, and all of KFAC's
+factors — has the form
+
+    C = Σ_n Σ_k v_nk v_nkᵀ,   v_nk = J_nᵀ u_nk,
+
+where J_n is sample n's output Jacobian and u_nk ∈ R^C are *output cotangents*: the columns of a
+symmetric factor of the loss Hessian (GGN, KFAC type-2), gradients at sampled labels (MC), or the
+gradient at the data labels (empirical), scaled by √R (see ``curvlab.losses``).
+
+For a layer z = W a (+ b) applied once per sample, v_nk restricted to the layer is g_nk ⊗ a_n with
+g_nk = B_nᵀ u_nk the backpropagated cotangent at z (row-major weight order), so only (a, g) need
+to be stored; with weight sharing (extra input dimensions, convolution patches) it is
+Σ_t g_nkt ⊗ a_nt.  :func:`capture` collects them for every ``nn.Linear`` and ``nn.Conv2d`` with a
+single forward pass and one vmapped backward pass over all k cotangents (``is_grads_batched``),
+and per-sample rows v_nk for every other parameter with ``torch.func`` (vmapped vector-Jacobian
+products of single-sample forward passes), so any architecture works.
+
+The structured path assumes, as every per-sample method does, that the model treats samples
+independently (no batch statistics): :class:`~curvlab.Problem` rejects batch norm in training mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.nn import functional as F
+
+from curvlab.problem import Problem
+
+__all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows"]
+
+
+@dataclass
+class LayerIO:
+    """One layer's inputs and backpropagated cotangents.
+
+    ``a`` has shape (N, T, d_in): the layer input (convolution: unfolded patches, channel-major
+    as in ``weight.flatten()``) at T positions (T = 1 without weight sharing); ``g`` has shape
+    (k, N, T, d_out): ∂(u_k · f)/∂z at the layer's pre-activations. The layer's parameters sit in
+    θ at ``start`` as the weight (d_out × d_in row-major) followed by the bias when ``has_bias``.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: str
+    bias: str | None
+    start: int
+    a: Tensor
+    g: Tensor
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def d_in(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def d_out(self) -> int:
+        return self.g.shape[-1]
+
+    @property
+    def positions(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.d_out * self.d_in + (self.d_out if self.has_bias else 0)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    def jacobian_rows(self) -> Tensor:
+        """The explicit per-sample rows v_nk restricted to this layer, shape (k, N, size)."""
+        k, n = self.g.shape[:2]
+        w = torch.einsum("kntp,nti->knpi", self.g, self.a).reshape(k, n, -1)
+        if self.has_bias:
+            w = torch.cat([w, self.g.sum(dim=2)], dim=2)
+        return w
+
+
+@dataclass
+class GenericRows:
+    """Explicit per-sample rows v_nk, shape (k, N, size), for parameters in θ[start:start+size]."""
+
+    names: tuple[str, ...]
+    start: int
+    rows: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[-1]
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+@dataclass
+class Capture:
+    """What :func:`capture` returns: pieces in parameter order, covering all of θ."""
+
+    pieces: list[LayerIO | GenericRows]
+    output: Tensor
+    num_samples: int
+
+
+def _linear_io(module: nn.Linear, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    n = inp.shape[0]
+    return inp.reshape(n, -1, inp.shape[-1]), out
+
+
+def _linear_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, ..., d_out) -> (k, N, T, d_out)
+    return out_grad.reshape(out_grad.shape[0], n, -1, out_grad.shape[-1])
+
+
+def _conv_io(module: nn.Conv2d, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    patches = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                       stride=module.stride)  # (N, C·kh·kw, L)
+    return patches.transpose(1, 2), out
+
+
+def _conv_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, d_out, H, W) -> (k, N, L, d_out)
+    k, _, d_out = out_grad.shape[:3]
+    return out_grad.reshape(k, n, d_out, -1).transpose(2, 3)
+
+
+def _conv_supported(m: nn.Conv2d) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+_RULES: dict[type, tuple[str, Callable, Callable, Callable[[nn.Module], bool]]] = {
+    nn.Linear: ("linear", _linear_io, _linear_grad, lambda m: True),
+    nn.Conv2d: ("conv2d", _conv_io, _conv_grad, _conv_supported),
+}
+
+
+def supported_layers(prob: Problem) -> dict[str, nn.Module]:
+    """Modules whose trainable parameters get the structured (a, g) treatment, by module name.
+
+    A module qualifies when its type has a rule (``nn.Linear``, ``nn.Conv2d`` with groups=1 and
+    zero padding), its weight is trainable, its trainable tensors are exactly weight (and bias)
+    in that order in θ, and it is not shared under another name.
+    """
+    names = set(prob.param_names)
+    order = {n: i for i, n in enumerate(prob.param_names)}
+    counts: dict[int, int] = {}
+    for _, m in prob.model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    found: dict[str, nn.Module] = {}
+    for mname, m in prob.model.named_modules():
+        rule = _RULES.get(type(m))
+        if rule is None or not rule[3](m) or counts[id(m)] > 1:
+            continue
+        prefix = f"{mname}." if mname else ""
+        w, b = prefix + "weight", prefix + "bias"
+        if w not in names:
+            continue
+        own = [n for n, _ in m.named_parameters(prefix=mname, recurse=False) if n in names]
+        expected = [w] + ([b] if b in names else [])
+        if own != expected or (len(expected) == 2 and order[b] != order[w] + 1):
+            continue
+        found[mname] = m
+    return found
+
+
+def per_sample_jacobian_rows(prob: Problem, theta: Tensor, names: list[str], U: Tensor,
+                             chunk: int | None = None) -> dict[str, Tensor]:
+    """v_nk = J_nᵀ u_nk restricted to the parameters ``names``: {name: (k, N, *shape)}.
+
+    Vmapped vector-Jacobian products of single-sample forward passes (works for any module
+    ``torch.func`` can differentiate). ``U`` has shape (k, N, *output_shape).
+    """
+    params = prob.params(theta)
+    sub = {n: params[n] for n in names}
+    rest = {n: t for n, t in params.items() if n not in sub}
+    model = prob.model
+
+    def rows(x: Tensor, u: Tensor) -> dict[str, Tensor]:
+        def f1(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, {**rest, **p}, (x[None],))[0]
+
+        _, pullback = vjp(f1, sub)
+        return vmap(pullback)(u)[0]
+
+    n, k = prob.X.shape[0], U.shape[0]
+    width = sum(sub[n_].numel() for n_ in names)
+    if chunk is None:  # keep one chunk's rows near 64 MiB
+        chunk = max(1, min(n, (64 * 2**20) // max(1, 8 * k * width)))
+    parts = []
+    for s in range(0, n, chunk):
+        out = vmap(rows)(prob.X[s:s + chunk], U[:, s:s + chunk].transpose(0, 1))
+        parts.append({n_: t.transpose(0, 1) for n_, t in out.items()})
+    return {n_: torch.cat([p[n_] for p in parts], dim=1) for n_ in names}
+
+
+def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor | None = None,
+            layers: dict[str, nn.Module] | None = None, generic: bool = True) -> Capture:
+    """Collect (a, g) for structured layers and explicit rows for all other parameters.
+
+    ``cotangents(f)`` maps the detached model output (N, *out) to cotangents U (k, N, *out),
+    already scaled as the caller wants (e.g. by √R). With ``generic=False`` parameters outside
+    structured layers are skipped (the result then covers only the layers).
+    """
+    theta = prob.theta if theta is None else theta
+    layers = supported_layers(prob) if layers is None else layers
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            records[name].append((inputs[0].detach(), output))
+            return output.clone()  # in-place ops downstream must not touch the recorded z
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            params = {k: v.detach() for k, v in prob.params(theta).items()}
+            # the layer outputs need a graph back to nothing trainable: make them differentiable
+            # w.r.t. the output through the hooks' recorded tensors only
+            for name, m in layers.items():
+                w = (name + "." if name else "") + "weight"
+                params[w] = params[w].requires_grad_(True)
+            f = functional_call(prob.model, params, (prob.X,))
+    finally:
+        for h in handles:
+            h.remove()
+
+    reused = [name for name, rec in records.items() if len(rec) != 1]
+    if reused:  # a layer applied several times per forward: treat it generically
+        keep = {k: v for k, v in layers.items() if k not in reused}
+        return capture(prob, cotangents, theta, keep, generic)
+
+    U = cotangents(f.detach())
+    n = prob.X.shape[0]
+    pieces: list[LayerIO | GenericRows] = []
+    if layers:
+        zs = [records[name][0][1] for name in layers]
+        grads = torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
+        for (name, m), z, gz in zip(layers.items(), zs, grads):
+            kind, io, to_g, _ = _RULES[type(m)]
+            a, _ = io(m, records[name][0][0], z)
+            if gz is None:
+                gz = torch.zeros((U.shape[0], *z.shape), dtype=z.dtype, device=z.device)
+            prefix = f"{name}." if name else ""
+            bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
+            pieces.append(LayerIO(name, m, kind, prefix + "weight", bias,
+                                  prob.param_slices[prefix + "weight"].start, a, to_g(gz, n)))
+    covered = {p for piece in pieces for p in ([piece.weight] + ([piece.bias] if piece.bias else []))}
+    rest = [p for p in prob.param_names if p not in covered]
+    if rest and generic:
+        rows = per_sample_jacobian_rows(prob, theta, rest, U)
+        # consecutive generic tensors form one piece
+        run: list[str] = []
+        runs: list[list[str]] = []
+        for p in prob.param_names:
+            if p in covered:
+                if run:
+                    runs.append(run)
+                run = []
+            else:
+                run.append(p)
+        if run:
+            runs.append(run)
+        for run in runs:
+            R = torch.cat([rows[p].reshape(U.shape[0], n, -1) for p in run], dim=2)
+            pieces.append(GenericRows(tuple(run), prob.param_slices[run[0]].start, R))
+    pieces.sort(key=lambda p: p.start)
+    return Capture(pieces, f.detach(), n)

@@ -1,0 +1,98 @@
+"""The oracle's public functions: exact Hessian, GGN, Monte-Carlo Fisher and empirical Fisher.
+
+Scale (``shared/design.md``): with L(θ) = R Σ_n ℓ_n,
+
+    hessian           = ∇²L
+    ggn               = R Σ_n J_nᵀ ∇²_f ℓ_n J_n            (= the exact Fisher for CE, MSE, BCE)
+    fisher_mc         = R Σ_n (1/S) Σ_s ∇ℓ_n(ŷ_s) ∇ℓ_n(ŷ_s)ᵀ, ŷ_s ~ the model's predictive; E = ggn
+    empirical_fisher  = R Σ_n ∇ℓ_n(y_n) ∇ℓ_n(y_n)ᵀ
+
+``structure``: ``"full"`` (Dense P×P), ``"block"`` (BlockDiagonal of the exact diagonal blocks of
+``prob.partition``), ``"diag"`` (Diagonal), ``"operator"`` (MatrixFree: products only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from curvlab.capture import capture
+from curvlab.exact import hessian as _hessian
+from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_from_capture
+from curvlab.exact.products import operator, sampled_output_grads
+from curvlab.linalg import CurvatureMatrix
+from curvlab.problem import Problem
+
+__all__ = ["hessian", "ggn", "fisher_mc", "empirical_fisher", "STRUCTURES", "KINDS"]
+
+STRUCTURES = ("full", "block", "diag", "operator")
+KINDS = ("hessian", "ggn", "fisher_mc", "empirical_fisher")
+
+
+def _check(prob: Problem, structure: str) -> None:
+    if not isinstance(prob, Problem):
+        raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}: use one of {STRUCTURES}")
+
+
+def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor], Tensor],
+                     theta: Tensor | None) -> CurvatureMatrix:
+    cap = capture(prob, cotangents, theta)
+    if structure == "full":
+        return dense_from_capture(cap, prob.num_params)
+    if structure == "block":
+        return block_from_capture(cap, prob.partition)
+    return diag_from_capture(cap, prob.num_params)
+
+
+def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
+            chunk: int | None = None) -> CurvatureMatrix:
+    """The exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
+    _check(prob, structure)
+    if structure == "operator":
+        return operator(prob, "hessian", theta)
+    fn = {"full": _hessian.hessian_dense, "block": _hessian.hessian_block, "diag": _hessian.hessian_diag}
+    return fn[structure](prob, theta, chunk)
+
+
+def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
+    """The exact generalised Gauss-Newton matrix R Σ_n J_nᵀ ∇²_f ℓ_n J_n."""
+    _check(prob, structure)
+    if structure == "operator":
+        return operator(prob, "ggn", theta)
+    root = prob.loss_scale**0.5
+    return _from_cotangents(prob, structure, lambda f: root * prob.likelihood.hessian_sqrt(f), theta)
+
+
+def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: int = 0,
+              theta: Tensor | None = None) -> CurvatureMatrix:
+    """The Monte-Carlo Fisher with ``samples`` labels per input drawn from the model (unbiased for ggn).
+
+    Draws come from a ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
+    """
+    _check(prob, structure)
+    if structure == "operator":
+        return operator(prob, "fisher_mc", theta, samples=samples, seed=seed)
+    scale = (prob.loss_scale / samples) ** 0.5
+    return _from_cotangents(prob, structure, lambda f: scale * sampled_output_grads(prob, f, samples, seed), theta)
+
+
+def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
+    """The empirical Fisher R Σ_n ∇ℓ_n ∇ℓ_nᵀ with the data labels."""
+    _check(prob, structure)
+    if structure == "operator":
+        return operator(prob, "empirical_fisher", theta)
+    root = prob.loss_scale**0.5
+    return _from_cotangents(prob, structure, lambda f: root * prob.likelihood.grad_output(f, prob.y)[None], theta)
+
+
+def get(kind: str) -> Callable[..., CurvatureMatrix]:
+    """The oracle function for a kind name (``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``/``ef``)."""
+    table = {"hessian": hessian, "ggn": ggn, "fisher_mc": fisher_mc, "empirical_fisher": empirical_fisher,
+             "ef": empirical_fisher}
+    if kind not in table:
+        raise ValueError(f"unknown curvature kind {kind!r}: use one of {sorted(table)}")
+    return table[kind]
+

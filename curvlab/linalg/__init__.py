@@ -1,0 +1,12 @@
+"""CurvatureMatrix family: one protocol, many structures (dense, block-diagonal, diagonal, …).
+
+Nothing in this package knows about networks: these are symmetric matrices over a flat vector.
+"""
+
+from curvlab.linalg.base import CurvatureMatrix, Eigh
+from curvlab.linalg.block import BlockDiagonal
+from curvlab.linalg.dense import Dense
+from curvlab.linalg.diagonal import Diagonal
+from curvlab.linalg.operator import MatrixFree
+
+__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree"]
