@@ -73,6 +73,8 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: in
     Draws come from a ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
     """
     _check(prob, structure)
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer; got {samples!r}")
     if structure == "operator":
         return operator(prob, "fisher_mc", theta, samples=samples, seed=seed)
     scale = (prob.loss_scale / samples) ** 0.5

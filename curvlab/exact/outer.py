@@ -93,7 +93,9 @@ def _fill(pieces: list, out: Tensor, offset: int) -> None:
         for q in pieces[i:]:
             block = out[p.start - offset:p.stop - offset, q.start - offset:q.stop - offset]
             _pair(p, q, block)
-            if q is not p:
+            if q is p:  # exactly symmetric, not just up to rounding
+                block.copy_(0.5 * (block + block.T))
+            else:
                 out[q.start - offset:q.stop - offset, p.start - offset:p.stop - offset] = block.T
 
 
