@@ -228,7 +228,7 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
             params = {k: v.detach() for k, v in prob.params(theta).items()}
             # the layer outputs need a graph back to nothing trainable: make them differentiable
             # w.r.t. the output through the hooks' recorded tensors only
-            for name, m in layers.items():
+            for name in layers:
                 w = (name + "." if name else "") + "weight"
                 params[w] = params[w].requires_grad_(True)
             f = functional_call(prob.model, params, (prob.X,))
@@ -246,7 +246,10 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     pieces: list[LayerIO | GenericRows] = []
     if layers:
         zs = [records[name][0][1] for name in layers]
-        grads = torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
+        if U.shape[0] == 0:  # no cotangents (forward-only statistics, e.g. FOOF): no backward pass
+            grads = [None] * len(zs)
+        else:
+            grads = torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
         for (name, m), z, gz in zip(layers.items(), zs, grads):
             kind, io, to_g, _ = _RULES[type(m)]
             a, _ = io(m, records[name][0][0], z)

@@ -205,7 +205,8 @@ class Problem:
         else:
             groups = []
             for i, item in enumerate(spec):
-                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and not isinstance(item[1], str):
+                named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                if named and not isinstance(item[1], str):
                     groups.append((item[0], list(item[1])))
                 else:
                     ps = [item] if isinstance(item, str) else list(item)
@@ -226,7 +227,8 @@ class Problem:
             if gname in seen:
                 raise ValueError(f"partition block name {gname!r} is used twice")
             seen.add(gname)
-            blocks.append(Block(gname, slice(self.param_slices[ps[0]].start, self.param_slices[ps[-1]].stop), tuple(ps)))
+            span = slice(self.param_slices[ps[0]].start, self.param_slices[ps[-1]].stop)
+            blocks.append(Block(gname, span, tuple(ps)))
         return Partition(blocks)
 
     # ------------------------------------------------------------------ parameter vectors

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, hessian as _fhessian, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import hessian as _fhessian
 
 from curvlab.problem import Problem
 
-__all__ = ["hessian", "hessian_func", "ggn", "empirical_fisher", "fisher_mc_from", "per_sample_gradients", "output_jacobians"]
+__all__ = ["hessian", "hessian_func", "ggn", "empirical_fisher", "fisher_mc_from", "per_sample_gradients",
+           "output_jacobians"]
 
 
 def _single_output(prob: Problem):

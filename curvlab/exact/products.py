@@ -36,7 +36,8 @@ def _hvp_fn(prob: Problem, theta: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda v: jvp(g, (theta,), (v,))[1]
 
 
-def _output_space_fn(prob: Problem, theta: Tensor, apply: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def _output_space_fn(prob: Problem, theta: Tensor,
+                     apply: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """v ↦ R Jᵀ apply(f, J v): every Fisher-type product, with the output-space action ``apply``."""
     f, pullback = vjp(prob.output, theta)
     f = f.detach()
