@@ -23,6 +23,7 @@ independently (no batch statistics): :class:`~curvlab.Problem` rejects batch nor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,7 +121,8 @@ def _linear_io(module: nn.Linear, inp: Tensor, out: Tensor) -> tuple[Tensor, Ten
 
 
 def _linear_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, ..., d_out) -> (k, N, T, d_out)
-    return out_grad.reshape(out_grad.shape[0], n, -1, out_grad.shape[-1])
+    t = math.prod(out_grad.shape[2:-1])  # explicit (not -1): k may be 0
+    return out_grad.reshape(out_grad.shape[0], n, t, out_grad.shape[-1])
 
 
 def _conv_io(module: nn.Conv2d, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,7 +133,7 @@ def _conv_io(module: nn.Conv2d, inp: Tensor, out: Tensor) -> tuple[Tensor, Tenso
 
 def _conv_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, d_out, H, W) -> (k, N, L, d_out)
     k, _, d_out = out_grad.shape[:3]
-    return out_grad.reshape(k, n, d_out, -1).transpose(2, 3)
+    return out_grad.reshape(k, n, d_out, math.prod(out_grad.shape[3:])).transpose(2, 3)
 
 
 def _conv_supported(m: nn.Conv2d) -> bool:

@@ -7,6 +7,7 @@ from curvlab.linalg.base import CurvatureMatrix, Eigh
 from curvlab.linalg.block import BlockDiagonal
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.diagonal import Diagonal
+from curvlab.linalg.kron import EigenKron, Kron
 from curvlab.linalg.operator import MatrixFree
 
-__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree"]
+__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron"]

@@ -1,0 +1,35 @@
+"""Approximators: the KFAC family as structured curvature matrices over the oracle's parameter space.
+
+Every function takes a :class:`~curvlab.Problem` and returns an :class:`Approximation` — a
+block-diagonal :class:`~curvlab.CurvatureMatrix` with one block per block of ``prob.partition``,
+aligned entry by entry with ``cl.exact.ggn(prob, structure="block")`` — built from one forward and
+one batched backward pass of the shared capture engine (``curvlab.capture``):
+
+==============  =====================================================  ===========================
+function        block (per nn.Linear / nn.Conv2d)                      own damping (``mode="own"``)
+==============  =====================================================  ===========================
+``kfac``        A ⊗ G                                  (``Kron``)      π-damping
+``ekfac``       Q_A⊗Q_G diag(S*) (Q_A⊗Q_G)ᵀ             (``EigenKron``) exact (S* + λ)
+``tkfac``       c · A ⊗ G, tr = tr F                   (``Kron``)      trace-normalised factored
+``tekfac``      EKFAC's S* (provisional definition)    (``EigenKron``) TKFAC's, on S*
+``foof``        A ⊗ I                                  (``Kron``)      exact: ΔW = −∇W (A + λI)⁻¹
+``kfoc``        argmin ‖F − A ⊗ G‖_F                    (``Kron``)      π-damping
+==============  =====================================================  ===========================
+
+``fisher`` ∈ {"type2", "mc", "empirical"} chooses the curvature being approximated (the GGN / true
+Fisher, its Monte-Carlo estimate, the empirical Fisher); ``approx`` ∈ {"expand", "reduce"} the
+treatment of weight sharing. ``C.direction(g, λ, mode)`` gives the update under any damping rule
+(``"exact"``, ``"factored"``, ``"pi"``, ``"trace"``, ``"own"``); ``C.solve(g, λ)`` is always the
+exact (C + λI)⁻¹g.
+"""
+
+from curvlab.approx.base import MODES, Approximation
+from curvlab.approx.ekfac import ekfac
+from curvlab.approx.factors import APPROXIMATIONS, FISHER_TYPES
+from curvlab.approx.foof import foof
+from curvlab.approx.kfac import kfac
+from curvlab.approx.kfoc import kfoc
+from curvlab.approx.tkfac import tekfac, tkfac
+
+__all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
+           "APPROXIMATIONS"]

@@ -1,0 +1,288 @@
+"""Kronecker factors and per-sample statistics, collected with the shared capture engine.
+
+Every KFAC-family method starts from one call to :func:`curvlab.capture.capture`: a forward pass
+records each ``nn.Linear`` / ``nn.Conv2d`` input a (N, T, d_in) (T > 1: weight sharing — extra
+input dimensions or convolution patches) and one batched backward pass gives the backpropagated
+output cotangents g (k, N, T, d_out) for k output cotangents per sample, already scaled by √R
+(R: the loss's reduction factor, ``curvlab.losses``):
+
+=============  ==========================================================  ========
+``fisher``     cotangents u_nk                                              k
+=============  ==========================================================  ========
+``"type2"``    √R × the columns of a symmetric factor of ∇²_f ℓ_n           outputs
+``"mc"``       √(R/S) × ∇_f ℓ_n(ŷ_s), ŷ_s ~ the model's predictive          S
+``"empirical"`` √R × ∇_f ℓ_n(y_n) at the data labels                        1
+=============  ==========================================================  ========
+
+so that the exact layer block of the matching oracle matrix (``cl.exact.ggn``, ``fisher_mc`` with
+the same samples and seed, ``empirical_fisher``) is
+
+    F = Σ_n Σ_k vec(V_nk) vec(V_nk)ᵀ,   V_nk = Σ_t g_nkt a_ntᵀ  (the per-sample weight gradient).
+
+KFAC's factors (Martens & Grosse 2015; weight sharing: Eschenhagen et al. 2023) in curvlab's scale,
+which is curvlinops' (``shared/reference/peer-benchmarks.md``, "Scale conventions"):
+
+* ``approx="expand"`` (positions are extra samples):
+  A = 1/(N·T) Σ_{n,t} a_nt a_ntᵀ,   G = Σ_{n,k,t} g_nkt g_nktᵀ;
+* ``approx="reduce"`` (positions are pooled first):
+  A = 1/N Σ_n ā_n ā_nᵀ with ā_n = 1/T Σ_t a_nt,   G = Σ_{n,k} ḡ_nk ḡ_nkᵀ with ḡ_nk = Σ_t g_nkt.
+
+Without weight sharing (T = 1) both read A = 1/N Σ a aᵀ, G = Σ_nk g gᵀ and F = Σ_n M_n ⊗ a_n a_nᵀ
+with M_n = Σ_k g_nk g_nkᵀ, so A ⊗ G = F whenever M_n or a_n does not depend on n (one sample,
+identical inputs, a deep linear network with squared error); expand (reduce) is exact in the
+corresponding weight-sharing regimes. A bias is an input that is always 1 (folded into A when the
+weight and bias sit in the same partition block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from curvlab.capture import Capture, LayerIO, capture, supported_layers
+from curvlab.exact.outer import block_from_capture
+from curvlab.exact.products import sampled_output_grads
+from curvlab.linalg import CurvatureMatrix
+from curvlab.problem import Block, Partition, Problem
+
+__all__ = ["FISHER_TYPES", "APPROXIMATIONS", "UNSUPPORTED", "KronPiece", "BlockPlan", "Collection",
+           "collect", "cotangent_function"]
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+APPROXIMATIONS = ("expand", "reduce")
+UNSUPPORTED = ("error", "exact")
+
+_CHUNK_BYTES = 32 * 2**20
+
+
+def cotangent_function(prob: Problem, fisher: str, mc_samples: int = 1,
+                       seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """The output cotangents u (k, N, *out) of a Fisher type, scaled by √R (see the module docstring)."""
+    R = prob.loss_scale
+    lik = prob.likelihood
+    if fisher == "type2":
+        return lambda f: R**0.5 * lik.hessian_sqrt(f)
+    if fisher == "mc":
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
+        return lambda f: (R / mc_samples) ** 0.5 * sampled_output_grads(prob, f, mc_samples, seed)
+    if fisher == "empirical":
+        return lambda f: R**0.5 * lik.grad_output(f, prob.y)[None]
+    raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
+
+
+@dataclass
+class KronPiece:
+    """One Kronecker block: a layer's weight and/or bias inside one partition block.
+
+    Its parameters sit in θ[start:stop] as the weight (row-major) followed by the bias when both
+    are included (``folded``: the bias is the last input of A); a bias alone is a layer whose only
+    input is the constant 1.
+    """
+
+    name: str
+    io: LayerIO
+    weight: bool
+    bias: bool
+    start: int
+    stop: int
+    _inputs: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def folded(self) -> bool:
+        return self.weight and self.bias
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def d_out(self) -> int:
+        return self.io.g.shape[-1]
+
+    @property
+    def d_in(self) -> int:
+        """Size of the input factor A (d_in, d_in + 1 with a folded bias, 1 for a bias alone)."""
+        if not self.weight:
+            return 1
+        return self.io.d_in + (1 if self.bias else 0)
+
+    @property
+    def positions(self) -> int:
+        return self.io.positions
+
+    def inputs(self) -> Tensor:
+        """The inputs of this piece, (N, T, d_in): a, [a, 1] or 1."""
+        if self._inputs is None:
+            a = self.io.a
+            if not self.weight:
+                self._inputs = torch.ones(a.shape[0], a.shape[1], 1, dtype=a.dtype, device=a.device)
+            elif self.bias:
+                self._inputs = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+            else:
+                self._inputs = a
+        return self._inputs
+
+    @property
+    def grads(self) -> Tensor:
+        """The output cotangents g (k, N, T, d_out)."""
+        return self.io.g
+
+    def input_factor(self, approx: str = "expand") -> Tensor:
+        """A (see the module docstring)."""
+        a = self.inputs()
+        n, t, d = a.shape
+        if not self.weight:  # the constant input 1
+            return torch.ones(1, 1, dtype=a.dtype, device=a.device)
+        if t > 1 and approx == "reduce":
+            a = a.mean(dim=1)
+            return (a.T @ a) / n
+        a = a.reshape(-1, d)
+        return (a.T @ a) / (n * t)
+
+    def output_factor(self, approx: str = "expand") -> Tensor:
+        """G (see the module docstring)."""
+        g = self.grads
+        if g.shape[2] > 1 and approx == "reduce":
+            g = g.sum(dim=2)
+        g = g.reshape(-1, g.shape[-1])
+        return g.T @ g
+
+    def eigen_second_moments(self, Q_A: Tensor, Q_G: Tensor) -> Tensor:
+        """S*_ij = Σ_n Σ_k ((Q_Gᵀ V_nk Q_A)_ij)², V_nk = Σ_t g_nkt a_ntᵀ (George et al. 2018), (p, q).
+
+        Without weight sharing Q_Gᵀ V_nk Q_A = (Q_Gᵀ g_nk)(Q_Aᵀ a_n)ᵀ and S* is one product of the
+        squared projections; with T > 1 the per-sample gradients are formed in chunks of samples.
+        """
+        a = self.inputs() @ Q_A  # (N, T, q)
+        g = self.grads @ Q_G  # (k, N, T, p)
+        k, n, t, p = g.shape
+        if t == 1:
+            return (g[:, :, 0] ** 2).sum(0).T @ (a[:, 0] ** 2)
+        S = torch.zeros(p, a.shape[-1], dtype=a.dtype, device=a.device)
+        for s, e in _chunks(n, k * p * a.shape[-1] * a.element_size()):
+            V = torch.einsum("kntp,ntq->knpq", g[:, s:e], a[s:e])
+            S += (V**2).sum(dim=(0, 1))
+        return S
+
+    def exact_trace(self) -> Tensor:
+        """tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
+        a, g = self.inputs(), self.grads
+        k, n, t, _ = g.shape
+        if t == 1:
+            return ((g[:, :, 0] ** 2).sum((0, 2)) * (a[:, 0] ** 2).sum(1)).sum()
+        total = torch.zeros((), dtype=a.dtype, device=a.device)
+        for s, e in _chunks(n, (k + 1) * t * t * a.element_size()):
+            Ka = torch.einsum("ntq,nsq->nts", a[s:e], a[s:e])
+            Kg = torch.einsum("kntp,knsp->knts", g[:, s:e], g[:, s:e])
+            total = total + (Kg * Ka).sum()
+        return total
+
+
+def _chunks(n: int, per_sample_bytes: int) -> list[tuple[int, int]]:
+    """Ranges of samples whose temporaries stay near 32 MiB."""
+    step = max(1, min(n, _CHUNK_BYTES // max(1, per_sample_bytes)))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+@dataclass
+class BlockPlan:
+    """One partition block: Kronecker pieces, or ``None`` when it needs the exact block."""
+
+    block: Block
+    pieces: list[KronPiece] | None
+
+
+@dataclass
+class Collection:
+    """What :func:`collect` returns: the capture and a plan per partition block."""
+
+    prob: Problem
+    fisher: str | None
+    approx: str
+    cap: Capture
+    plans: list[BlockPlan]
+
+    def exact_block(self, block: Block) -> CurvatureMatrix:
+        """The oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
+        return block_from_capture(self.cap, Partition([block])).blocks[0]
+
+
+def _owner_types(prob: Problem) -> dict[str, str]:
+    mods = dict(prob.model.named_modules())
+    out = {}
+    for n in prob.param_names:
+        owner = n.rsplit(".", 1)[0] if "." in n else ""
+        out[n] = type(mods.get(owner, prob.model)).__name__
+    return out
+
+
+def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str]) -> ValueError:
+    types = _owner_types(prob)
+    listed = ", ".join(f"{n!r} ({types[n]}{', applied more than once per forward pass' if n in reused else ''})"
+                       for n in names)
+    return ValueError(
+        f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
+        f"each applied once per forward pass); these parameters are not: {listed}. Pass "
+        f"unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+        f"instead, or freeze them (requires_grad=False).")
+
+
+def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
+            unsupported: str = "error", method: str = "kfac") -> Collection:
+    """One forward and one batched backward pass; a Kronecker plan for every partition block.
+
+    ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
+    """
+    if not isinstance(prob, Problem):
+        raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"unknown approx {approx!r}: use one of {APPROXIMATIONS}")
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unknown unsupported={unsupported!r}: use one of {UNSUPPORTED}")
+    if fisher is None:
+        if unsupported == "exact":
+            raise ValueError(f"{method} has no exact counterpart for unsupported parameters (it uses no "
+                             "Fisher); use unsupported='error'")
+
+        def cot(f: Tensor) -> Tensor:
+            return f.new_zeros((0, *f.shape))
+    else:
+        cot = cotangent_function(prob, fisher, mc_samples, seed)
+
+    layers = supported_layers(prob)
+    pre_covered: set[str] = set()
+    for mname in layers:
+        prefix = f"{mname}." if mname else ""
+        pre_covered.update(n for n in (prefix + "weight", prefix + "bias") if n in prob.param_slices)
+    missing = [n for n in prob.param_names if n not in pre_covered]
+    if missing and unsupported == "error":
+        raise _unsupported_error(prob, missing, method, set())
+
+    cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
+    ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
+    covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
+    missing = [n for n in prob.param_names if n not in covered]
+    if missing and unsupported == "error":  # layers applied several times fall back to generic rows
+        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered)
+
+    plans = []
+    for block in prob.partition:
+        if any(n not in covered for n in block.params):
+            plans.append(BlockPlan(block, None))
+            continue
+        pieces = []
+        for io in ios:
+            w, b = io.weight in block.params, io.bias is not None and io.bias in block.params
+            if not (w or b):
+                continue
+            wslice, bslice = prob.param_slices[io.weight], prob.param_slices[io.bias] if io.bias else None
+            start = wslice.start if w else bslice.start
+            stop = bslice.stop if b else wslice.stop
+            pieces.append(KronPiece(io.name or "(root)", io, w, b, start, stop))
+        pieces.sort(key=lambda p: p.start)
+        plans.append(BlockPlan(block, pieces))
+    return Collection(prob, fisher, approx, cap, plans)
