@@ -238,18 +238,21 @@ class EigenKron(_KronLayout):
         dA, dG = factor_damping(mode, damping, eA, eG)
         return self.S + dG * eA[None, :] + dA * eG[:, None] + dA * dG
 
-    def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
+    def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
+        """The damped eigenvalues, refusing (numerically) singular ones."""
         d = self._denominators(damping, mode)
-        if bool((d == 0).any()):
-            raise ValueError(f"the damped Kronecker block is singular (damping {damping!r}, mode {mode!r}); "
-                             "increase the damping")
+        tiny = float(self.S.abs().max()) * self.S.numel() * torch.finfo(self.dtype).eps
+        if bool((d.abs() <= tiny).any()):
+            raise ValueError(f"the damped Kronecker block is singular (damping {damping!r}, mode {mode!r}; "
+                             f"smallest damped eigenvalue {float(d.abs().min()):.3e}); increase the damping")
+        return d
+
+    def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
+        d = self._checked_denominators(damping, mode)
         return self._from_mats(self._unrotate(self._rotate(self._to_mats(V)) / d))
 
     def _inverse_mode(self, damping: Damping, mode: str) -> CurvatureMatrix:
-        d = self._denominators(damping, mode)
-        if bool((d == 0).any()):
-            raise ValueError(f"the damped Kronecker block is singular (damping {damping!r}, mode {mode!r}); "
-                             "increase the damping")
+        d = self._checked_denominators(damping, mode)
         return EigenKron(self.Q_A, self.Q_G, 1.0 / d, self.bias)
 
     def _eigh(self) -> Eigh:
@@ -357,7 +360,8 @@ class Kron(_KronLayout):
             return self.eigen()._inverse_mode(damping, mode)
         (eA, QA), (eG, QG) = self.factor_eigh()
         dA, dG = factor_damping(mode, damping, eA, eG)
-        if bool((eA + dA == 0).any()) or bool((eG + dG == 0).any()):
+        tiny = lambda e: float(e.abs().max()) * e.numel() * torch.finfo(self.dtype).eps  # noqa: E731
+        if bool(((eA + dA).abs() <= tiny(eA)).any()) or bool(((eG + dG).abs() <= tiny(eG)).any()):
             raise ValueError(f"a damped Kronecker factor is singular (damping {damping!r}, mode {mode!r}); "
                              "increase the damping")
         return Kron((QA / (eA + dA)) @ QA.T, (QG / (eG + dG)) @ QG.T, self.bias)

@@ -1,0 +1,247 @@
+"""Kron and EigenKron against their dense counterparts, every operation and damping mode (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from curvlab.linalg import BlockDiagonal, Dense, EigenKron, Kron
+
+TOL = 1e-11
+
+
+def spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(n, rank or n + 2, generator=g, dtype=torch.float64)
+    return B @ B.T / B.shape[1]
+
+
+def orth(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def param_perm(p: int, q: int, bias: bool) -> torch.Tensor:
+    """Permutation matrix P with v_param = P v_folded, written out index by index."""
+    P = torch.zeros(p * q, p * q, dtype=torch.float64)
+    r = 0
+    qw = q - 1 if bias else q
+    for o in range(p):  # weights, row-major
+        for i in range(qw):
+            P[r, o * q + i] = 1.0
+            r += 1
+    if bias:
+        for o in range(p):
+            P[r, o * q + q - 1] = 1.0
+            r += 1
+    return P
+
+
+def dense_kron(A: torch.Tensor, G: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The matrix of X ↦ G X A on [W b], in parameter order (column by column)."""
+    p, q = G.shape[0], A.shape[0]
+    P = param_perm(p, q, bias)
+    cols = []
+    for j in range(p * q):
+        e = torch.zeros(p * q, dtype=torch.float64)
+        e[j] = 1.0
+        X = (P.T @ e).reshape(p, q)  # folded row-major matrix [W b]
+        cols.append(P @ (G @ X @ A).reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+SHAPES = [(3, 4, False), (3, 4, True), (1, 5, True), (4, 1, False), (2, 1, True)]
+
+
+@pytest.fixture(params=SHAPES, ids=lambda s: f"p{s[0]}q{s[1]}{'b' if s[2] else ''}")
+def kron(request):
+    p, q, bias = request.param
+    A, G = spd(q, 1), spd(p, 2)
+    return Kron(A, G, bias), dense_kron(A, G, bias)
+
+
+def test_layout_and_matvec(kron):
+    K, D = kron
+    assert rel(K.to_dense(), D) < TOL
+    v = torch.randn(K.size, dtype=torch.float64)
+    V = torch.randn(K.size, 3, dtype=torch.float64)
+    assert rel(K @ v, D @ v) < TOL
+    assert rel(K @ V, D @ V) < TOL
+    assert rel(K.diagonal(), D.diagonal()) < TOL
+    assert abs(float(K.trace() - D.trace())) < TOL * float(D.trace())
+    assert abs(float(K.frobenius_norm() - torch.linalg.matrix_norm(D))) < TOL * float(D.norm())
+    lo = K.as_linear_operator()
+    assert rel(torch.as_tensor(lo @ v.numpy()), D @ v) < TOL
+
+
+def test_bias_order_matches_weight_then_bias():
+    # the folded bias column lands after all of W, row-major: check one entry by hand
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))  # input 2 is the bias
+    G = torch.diag(torch.tensor([10.0, 20.0], dtype=torch.float64))
+    D = Kron(A, G, bias=True).to_dense()
+    # parameter order: W00 W01 W10 W11 b0 b1 -> diag = G_oo * A_ii
+    assert torch.equal(D.diagonal(), torch.tensor([10.0, 20.0, 20.0, 40.0, 30.0, 60.0], dtype=torch.float64))
+
+
+def test_eigen_and_spectrum(kron):
+    K, D = kron
+    E = K.eigen()
+    assert isinstance(E, EigenKron)
+    assert rel(E.to_dense(), D) < TOL
+    w, V = K.eigh()
+    assert torch.all(w[1:] >= w[:-1])
+    assert rel(V @ torch.diag(w) @ V.T, D) < TOL
+    assert rel(V.T @ V, torch.eye(K.size, dtype=torch.float64)) < TOL
+    assert rel(K.eigvalsh(), torch.linalg.eigvalsh(D)) < 1e-10
+    assert abs(float(K.logdet(0.1)) - float(torch.logdet(D + 0.1 * torch.eye(K.size, dtype=torch.float64)))) < 1e-10
+
+
+def damped_dense(A, G, bias, dA, dG):
+    Iq, Ip = torch.eye(A.shape[0], dtype=A.dtype), torch.eye(G.shape[0], dtype=G.dtype)
+    return dense_kron(A + dA * Iq, G + dG * Ip, bias)
+
+
+def mode_dense(K: Kron, mode: str, lam):
+    A, G = K.A, K.G
+    p, q = G.shape[0], A.shape[0]
+    if mode == "exact":
+        return dense_kron(A, G, K.bias) + lam * torch.eye(p * q, dtype=torch.float64)
+    if mode == "factored":
+        dA, dG = lam if isinstance(lam, tuple) else (math.sqrt(lam), math.sqrt(lam))
+    elif mode == "pi":
+        pi = math.sqrt((float(A.trace()) / q) / (float(G.trace()) / p))
+        dA, dG = pi * math.sqrt(lam), math.sqrt(lam) / pi
+    elif mode == "trace":
+        dA = math.sqrt(lam * float(A.trace()) / float(G.trace()))
+        dG = math.sqrt(lam * float(G.trace()) / float(A.trace()))
+    return damped_dense(A, G, K.bias, dA, dG)
+
+
+MODES = [("exact", 0.3), ("factored", 0.3), ("factored", (0.2, 0.05)), ("pi", 0.3), ("trace", 0.3), ("exact", 0.0)]
+
+
+@pytest.mark.parametrize("mode,lam", MODES, ids=[f"{m}-{lam}" for m, lam in MODES])
+def test_damped_operations(kron, mode, lam):
+    K, _ = kron
+    M = mode_dense(K, mode, lam)
+    v = torch.randn(K.size, dtype=torch.float64)
+    V = torch.randn(K.size, 2, dtype=torch.float64)
+    assert rel(K.solve(v, lam, mode), torch.linalg.solve(M, v)) < 1e-10
+    assert rel(K.solve(V, lam, mode), torch.linalg.solve(M, V)) < 1e-10
+    assert rel(K.direction(v, lam, mode), -torch.linalg.solve(M, v)) < 1e-10
+    inv = K.inverse(lam, mode)
+    assert rel(inv.to_dense(), torch.linalg.inv(M)) < 1e-10
+    assert abs(float(K.logdet(lam, mode) - torch.logdet(M))) < 1e-9
+    E = K.eigen()  # the same rules through the shared eigenbasis
+    assert rel(E.solve(v, lam, mode), torch.linalg.solve(M, v)) < 1e-10
+
+
+def test_protocol_solve_is_exact(kron):
+    K, D = kron
+    v = torch.randn(K.size, dtype=torch.float64)
+    M = D + 0.5 * torch.eye(K.size, dtype=torch.float64)
+    assert rel(K.solve(v, 0.5), torch.linalg.solve(M, v)) < 1e-10
+    assert rel(BlockDiagonal([K, K]).solve(torch.cat([v, v]), 0.5), torch.linalg.solve(M, v).repeat(2)) < 1e-10
+    assert rel(BlockDiagonal([K]).direction(v, 0.5, "pi"), K.direction(v, 0.5, "pi")) < TOL
+
+
+def test_expansion_identity(kron):
+    """(A + λ_A I) ⊗ (G + λ_G I) = A⊗G + λ_G (A⊗I) + λ_A (I⊗G) + λ_A λ_G I  (papers.md §0)."""
+    K, D = kron
+    A, G = K.A, K.G
+    lA, lG = 0.37, 0.11
+    Ip, Iq = torch.eye(G.shape[0], dtype=torch.float64), torch.eye(A.shape[0], dtype=torch.float64)
+    lhs = Kron(A + lA * Iq, G + lG * Ip, K.bias).to_dense()
+    rhs = (D + lG * Kron(A, Ip, K.bias).to_dense() + lA * Kron(Iq, G, K.bias).to_dense()
+           + lA * lG * torch.eye(K.size, dtype=torch.float64))
+    assert rel(lhs, rhs) < TOL
+    # the factored solve is the inverse of exactly this matrix
+    v = torch.randn(K.size, dtype=torch.float64)
+    assert rel(K.solve(v, (lA, lG), "factored"), torch.linalg.solve(rhs, v)) < 1e-10
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_eigenkron_arbitrary_diagonal(bias):
+    p, q = 3, 4
+    QA, QG = orth(q, 3), orth(p, 4)
+    g = torch.Generator().manual_seed(5)
+    S = torch.rand(p, q, generator=g, dtype=torch.float64) + 0.1
+    eA, eG = torch.rand(q, generator=g, dtype=torch.float64), torch.rand(p, generator=g, dtype=torch.float64)
+    E = EigenKron(QA, QG, S, bias, (eA, eG))
+    P = param_perm(p, q, bias)
+    Q = P @ torch.kron(QG, QA)
+    D = Q @ torch.diag(S.reshape(-1)) @ Q.T
+    assert rel(E.to_dense(), D) < TOL
+    v = torch.randn(p * q, dtype=torch.float64)
+    assert rel(E @ v, D @ v) < TOL
+    assert rel(E.diagonal(), D.diagonal()) < TOL
+    assert abs(float(E.trace() - D.trace())) < TOL
+    assert abs(float(E.frobenius_norm() - D.norm())) < TOL
+    assert rel(E.eigvalsh(), torch.linalg.eigvalsh(D)) < TOL
+    w, V = E.eigh()
+    assert rel(V @ torch.diag(w) @ V.T, D) < TOL
+    I = torch.eye(p * q, dtype=torch.float64)
+    assert rel(E.solve(v, 0.2), torch.linalg.solve(D + 0.2 * I, v)) < 1e-10
+    assert rel(E.inverse(0.2).to_dense(), torch.linalg.inv(D + 0.2 * I)) < 1e-10
+    assert abs(float(E.logdet(0.2) - torch.logdet(D + 0.2 * I))) < 1e-10
+    # factored modes on an arbitrary S: S + λ_G (A⊗I) + λ_A (I⊗G) + λ_A λ_G I with A, G from (Q, e)
+    A, G = QA @ torch.diag(eA) @ QA.T, QG @ torch.diag(eG) @ QG.T
+    lA, lG = 0.3, 0.07
+    Ip, Iq = torch.eye(p, dtype=torch.float64), torch.eye(q, dtype=torch.float64)
+    M = D + lG * dense_kron(A, Ip, bias) + lA * dense_kron(Iq, G, bias) + lA * lG * I
+    assert rel(E.solve(v, (lA, lG), "factored"), torch.linalg.solve(M, v)) < 1e-10
+    assert rel(E.inverse((lA, lG), "factored").to_dense(), torch.linalg.inv(M)) < 1e-10
+
+
+def test_arithmetic(kron):
+    K, D = kron
+    assert rel((2.5 * K).to_dense(), 2.5 * D) < TOL
+    assert isinstance(2.5 * K, Kron)
+    assert rel((-K.eigen()).to_dense(), -D) < TOL
+    # same A: stays a Kron; same eigenbasis: stays an EigenKron
+    K2 = Kron(K.A, 2 * K.G + torch.eye(K.p, dtype=torch.float64), K.bias)
+    s = K + K2
+    assert isinstance(s, Kron) and rel(s.to_dense(), D + K2.to_dense()) < TOL
+    E = K.eigen()
+    E2 = EigenKron(E.Q_A, E.Q_G, E.S + 1.0, K.bias)
+    d = E2 - K
+    assert isinstance(d, EigenKron) and rel(d.to_dense(), torch.eye(K.size, dtype=torch.float64)) < 1e-10
+    # different structures add densely
+    other = Dense(torch.eye(K.size, dtype=torch.float64))
+    assert rel((K + other).to_dense(), D + torch.eye(K.size, dtype=torch.float64)) < TOL
+
+
+def test_float32():
+    A, G = spd(4, 1).float(), spd(3, 2).float()
+    K = Kron(A, G, bias=True)
+    D = dense_kron(A.double(), G.double(), True)
+    v = torch.randn(K.size)
+    assert K.dtype == torch.float32
+    assert rel((K @ v).double(), D @ v.double()) < 1e-5
+    M = mode_dense(Kron(A.double(), G.double(), True), "pi", 0.1)
+    assert rel(K.solve(v, 0.1, "pi").double(), torch.linalg.solve(M, v.double())) < 1e-4
+
+
+def test_errors():
+    K = Kron(spd(3, 1), spd(2, 2), bias=True)
+    v = torch.randn(K.size, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown damping mode"):
+        K.solve(v, 0.1, "heuristic")
+    with pytest.raises(ValueError, match="pair"):
+        K.solve(v, (0.1, 0.2), "exact")
+    with pytest.raises(ValueError, match="pair"):
+        K.solve(v, (0.1, 0.2), "pi")
+    with pytest.raises(ValueError, match="does not keep"):
+        K.inverse(0.1).solve(v, 0.1, "pi")
+    with pytest.raises(ValueError, match="square"):
+        Kron(torch.zeros(2, 3, dtype=torch.float64), spd(2, 1))
+    with pytest.raises(ValueError, match="shape"):
+        EigenKron(orth(3, 1), orth(2, 1), torch.ones(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="singular"):
+        Kron(spd(3, 1, rank=1), spd(2, 2)).solve(v, 0.0)
