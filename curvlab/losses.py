@@ -83,7 +83,7 @@ class Likelihood:
     def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
         """∇_f ℓ_n(ŷ_s) for m labels ŷ_s drawn from the model's predictive; shape (m, *f.shape)."""
         ys = self.sample(f, m, generator)
-        return torch.stack([self.grad_output(f, ys[s]) for s in range(m)])
+        return self.grad_output(f, ys)  # every grad_output broadcasts over a leading sample axis
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         """The user's loss R Σ_n ℓ_n (equals ``loss_fn(f, y)``)."""
