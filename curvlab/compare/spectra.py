@@ -1,0 +1,221 @@
+"""Spectral agreement: eigenvalue distributions, top-k eigenpairs and the overlap of eigenspaces.
+
+For symmetric A (an approximation) and B (a reference) with eigenvalues λ_1 ≥ … ≥ λ_P:
+
+    W1(A, B)          = ∫ |F_A(t) − F_B(t)| dt, F the empirical CDF of the eigenvalues; for equal
+                        sizes W1 = (1/P) Σ_i |λ_i(A) − λ_i(B)| (both sorted)
+    W1_log(A, B; λ)   = W1 of log10(max(λ_i, 0) + δ), δ = the damping λ if > 0, else 1e-12·max_i |λ_i(B)|
+                        (the spectra of the damped matrices, on the scale where KFAC errors live)
+    top_ratio_i       = λ_i(A) / λ_i(B), i = 1 … k
+    overlap           = ‖U_Aᵀ U_B‖²_F / k = (1/k) Σ_i cos² θ_i, U the top-k eigenvectors (orthonormal
+                        columns), θ_i the principal angles between the two k-dimensional eigenspaces
+    fraction_below(C, λ) = #{i : λ_i(C) < λ} / P        (how much of C the damping swamps)
+    negative_mass(H, G)  = Σ_{λ_i(H) < 0} |λ_i(H)| / tr(G)   (G a PSD reference such as the GGN;
+                           without G: relative to Σ_i |λ_i(H)|)
+
+Cost is dominated by linear algebra, so: full spectra come from each matrix's cached ``eigvalsh``
+(structured matrices give them from their structure: per-block eigenvalues, products of Kronecker
+factor eigenvalues); top-k eigenpairs come from :func:`top_eigen`, which reuses a cached ``eigh``,
+works per block / per factor, and for a large unstructured matrix runs Lanczos (ARPACK ``eigsh``)
+instead of a full ``eigh``. Results are cached per matrix.
+
+Note: when λ_k = λ_{k+1} the top-k eigenspace is not unique and the overlap is not well defined.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Diagonal, Eigh
+
+__all__ = ["eigenvalues", "top_eigen", "subspace_overlap", "wasserstein", "spectra", "SpectralComparison",
+           "fraction_below", "negative_mass", "register_top_eigen", "DENSE_EIGH_LIMIT"]
+
+#: below this size a dense matrix's top-k pairs come from a (cached) full ``eigh``; above, from Lanczos
+DENSE_EIGH_LIMIT = 2000
+
+_TopRule = Callable[[CurvatureMatrix, int], "Eigh | None"]
+_TOP_RULES: list[_TopRule] = []
+_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_top_eigen(rule: _TopRule) -> _TopRule:
+    """Add a structural rule ``rule(C, k) -> Eigh (descending, k pairs) or None`` for :func:`top_eigen`."""
+    _TOP_RULES.append(rule)
+    return rule
+
+
+def eigenvalues(C: CurvatureMatrix, descending: bool = True) -> Tensor:
+    """All eigenvalues of C (cached on C by ``eigvalsh``), largest first by default."""
+    w = C.eigvalsh()
+    return torch.flip(w, (0,)) if descending else w
+
+
+def _cached_eigh(C: CurvatureMatrix) -> Eigh | None:
+    cache = getattr(C, "_cache", None)
+    return cache.get("eigh") if isinstance(cache, dict) else None
+
+
+def _from_full(e: Eigh, k: int) -> Eigh:
+    w, Q = e
+    return Eigh(torch.flip(w[-k:], (0,)), torch.flip(Q[:, -k:], (1,)))
+
+
+def top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
+    """The k algebraically largest eigenpairs of C: values (k,) descending, vectors (P, k) orthonormal.
+
+    Computed once per (matrix, k) and cached (a cached larger k is sliced). Strategy, cheapest first:
+    a cached full ``eigh``; Diagonal → the k largest entries; BlockDiagonal → the top k of every
+    block, merged; registered structural rules (Kronecker factors); a matrix of size ≤
+    :data:`DENSE_EIGH_LIMIT` or with k ≥ P/3 → its (cached) full ``eigh``; else Lanczos
+    (``scipy.sparse.linalg.eigsh``, which="LA") on the dense array or on ``C.as_linear_operator()``.
+    """
+    if not isinstance(C, CurvatureMatrix):
+        raise TypeError(f"top_eigen needs a CurvatureMatrix; got {type(C).__name__}")
+    k = int(k)
+    if not 1 <= k <= C.size:
+        raise ValueError(f"k must be in [1, {C.size}]; got {k}")
+    memo = _TOP.setdefault(C, {})
+    for kk in sorted(memo):
+        if kk >= k:
+            w, Q = memo[kk]
+            return Eigh(w[:k], Q[:, :k])
+    out = _top_eigen(C, k)
+    memo[k] = out
+    return out
+
+
+def _top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
+    cached = _cached_eigh(C)
+    if cached is not None:
+        return _from_full(cached, k)
+    if isinstance(C, Diagonal):
+        w, idx = torch.topk(C.diag, k)
+        Q = torch.zeros(C.size, k, dtype=C.dtype, device=C.device)
+        Q[idx, torch.arange(k, device=C.device)] = 1.0
+        return Eigh(w, Q)
+    if isinstance(C, BlockDiagonal):
+        values, owners = [], []
+        parts = []
+        for b, s in zip(C.blocks, C.block_slices):
+            wb, Qb = top_eigen(b, min(k, b.size))
+            parts.append((s, Qb))
+            values.append(wb)
+            owners.extend((len(parts) - 1, j) for j in range(wb.shape[0]))
+        w = torch.cat(values)
+        w, order = torch.sort(w, descending=True)
+        w = w[:k]
+        Q = torch.zeros(C.size, k, dtype=C.dtype, device=C.device)
+        for col, i in enumerate(order[:k].tolist()):
+            p, j = owners[i]
+            s, Qb = parts[p]
+            Q[s, col] = Qb[:, j]
+        return Eigh(w, Q)
+    for rule in _TOP_RULES:
+        out = rule(C, k)
+        if out is not None:
+            return out
+    if C.size <= DENSE_EIGH_LIMIT or 3 * k >= C.size:
+        return _from_full(C.eigh(), k)
+    from scipy.sparse.linalg import eigsh
+
+    op = C.matrix.detach().cpu().numpy() if isinstance(C, Dense) else C.as_linear_operator()
+    w, Q = eigsh(op, k=k, which="LA")
+    order = np.argsort(w)[::-1].copy()
+    return Eigh(torch.as_tensor(w[order], dtype=C.dtype, device=C.device),
+                torch.as_tensor(Q[:, order], dtype=C.dtype, device=C.device))
+
+
+def subspace_overlap(U: Tensor, V: Tensor) -> tuple[float, Tensor]:
+    """Overlap of span(U) and span(V), U, V (P, k) with orthonormal columns.
+
+    Returns (mean squared cosine, cosines): the cosines cos θ_i of the principal angles are the
+    singular values of UᵀV (descending); the mean squared cosine ‖UᵀV‖²_F / k is 1 for the same
+    subspace and 0 for orthogonal ones.
+    """
+    if U.ndim != 2 or V.ndim != 2 or U.shape != V.shape:
+        raise ValueError(f"U and V must both be (P, k); got {tuple(U.shape)} and {tuple(V.shape)}")
+    dtype = torch.promote_types(U.dtype, V.dtype)
+    M = U.to(dtype).T @ V.to(dtype)
+    cos = torch.clamp(torch.linalg.svdvals(M), 0.0, 1.0)
+    return float((M**2).sum()) / U.shape[1], cos
+
+
+def wasserstein(a: Tensor, b: Tensor) -> float:
+    """W1 distance between the empirical distributions of the values in a and in b."""
+    a = a.detach().to(torch.float64).cpu().flatten()
+    b = b.detach().to(torch.float64).cpu().flatten()
+    if a.numel() == b.numel():
+        return float((torch.sort(a).values - torch.sort(b).values).abs().mean())
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(a.numpy(), b.numpy()))
+
+
+def _log_spectrum(w: Tensor, delta: float) -> Tensor:
+    return torch.log10(torch.clamp(w.to(torch.float64), min=0.0) + delta)
+
+
+@dataclass(frozen=True)
+class SpectralComparison:
+    """The result of :func:`spectra` (A the approximation, B the reference; eigenvalues descending)."""
+
+    eig_a: Tensor                 # all eigenvalues of A (or its top k when full=False)
+    eig_b: Tensor
+    wasserstein: float            # W1 between the eigenvalue distributions (NaN when full=False)
+    wasserstein_log: float        # W1 on log10(max(λ,0) + δ)
+    top_ratio: Tensor             # (k,) λ_i(A) / λ_i(B)
+    overlap: float                # mean squared cosine of the principal angles of the top-k eigenspaces
+    principal_cosines: Tensor     # (k,) cos θ_i, descending
+    k: int
+
+
+def spectra(A: CurvatureMatrix, B: CurvatureMatrix, k: int = 10, full: bool = True,
+            damping: float = 0.0) -> SpectralComparison:
+    """Compare the spectra of A (approximation) and B (reference); see the module docstring.
+
+    ``full=True`` computes every eigenvalue of both (cached; structured where possible) for the
+    Wasserstein distances; ``full=False`` only the top ``k`` eigenpairs (Lanczos for large dense
+    matrices) and the Wasserstein fields are NaN.
+    """
+    if A.size != B.size:
+        raise ValueError(f"cannot compare spectra of sizes {A.size} and {B.size}")
+    k = min(int(k), A.size)
+    ta, tb = top_eigen(A, k), top_eigen(B, k)
+    overlap, cos = subspace_overlap(ta.vectors, tb.vectors)
+    ratio = ta.values.to(torch.float64) / tb.values.to(torch.float64)
+    if full:
+        ea, eb = eigenvalues(A), eigenvalues(B)
+        w1 = wasserstein(ea, eb)
+        delta = float(damping) if damping > 0 else 1e-12 * float(eb.abs().max())
+        if delta <= 0:
+            delta = 1e-300
+        w1_log = wasserstein(_log_spectrum(ea, delta), _log_spectrum(eb, delta))
+    else:
+        ea, eb, w1, w1_log = ta.values, tb.values, math.nan, math.nan
+    return SpectralComparison(ea, eb, w1, w1_log, ratio, overlap, cos, k)
+
+
+def fraction_below(C: CurvatureMatrix, damping: float) -> float:
+    """#{i : λ_i(C) < λ} / P: the share of C's spectrum that a damping λ dominates."""
+    w = C.eigvalsh()
+    return float((w < damping).sum()) / w.numel()
+
+
+def negative_mass(H: CurvatureMatrix, reference: CurvatureMatrix | None = None) -> float:
+    """Σ_{λ_i(H)<0} |λ_i(H)| / tr(reference), or / Σ_i |λ_i(H)| without a reference.
+
+    With the GGN as reference (PSD, so tr = Σ|λ|) this is the negative-curvature mass of the
+    Hessian relative to the GGN's total curvature.
+    """
+    w = H.eigvalsh().to(torch.float64)
+    neg = float(w[w < 0].abs().sum())
+    denom = float(reference.trace()) if reference is not None else float(w.abs().sum())
+    return neg / denom if denom != 0 else math.nan
