@@ -1,10 +1,14 @@
-"""The exact Hessian ∇²L(θ) from vmapped Hessian-vector products over chunks of basis vectors.
+"""The exact Hessian ∇²L(θ).
 
-Column j of the Hessian is the forward-over-reverse product ∂/∂ε ∇L(θ + ε e_j), computed with
-``torch.func.jvp`` of ``torch.func.grad`` and vmapped over a chunk of basis vectors at once. For
-``block`` each block differentiates only its own sub-vector θ_b (H_bb = ∇²_{θ_b} L), and ``diag``
-keeps only the diagonal of each block's chunk, so neither ever holds the rest of the matrix.
-Memory: one chunk of tangents through the network (chunk × N × activations) plus the result.
+Parameters of single-use ``nn.Linear`` layers (every MLP) get their blocks from pre-activation
+second derivatives (:mod:`curvlab.exact.hessian_layers`): Σ_l d_out,l Hessian-vector products in
+pre-activation space plus one matrix product per pair of layers, instead of one product per
+parameter. Every other parameter (convolutions, normalisation, shared layers …) gets its columns
+from vmapped Hessian-vector products over chunks of basis vectors: the forward-over-reverse
+product ∂/∂ε ∇L(θ + ε e_j) (``torch.func.jvp`` of ``torch.func.grad``). For ``block`` each block
+differentiates only its own sub-vector θ_b (H_bb = ∇²_{θ_b} L), and ``diag`` keeps only the
+diagonal, so neither ever holds the rest of the matrix. Memory: one chunk of tangents through the
+network (chunk × N × activations), the per-layer pre-activation curvature, and the result.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from curvlab import memory
+from curvlab.exact.hessian_layers import LayerCurvature, layer_curvature, pair_block, single_use_linear_layers
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Problem
 
@@ -63,36 +68,133 @@ def _columns(prob: Problem, theta: Tensor, s: slice, chunk: int):
         yield j0, j1, vmap(hvp)(eye[j0:j1]).T  # (n, j1 - j0)
 
 
+def _hvp_columns(prob: Problem, theta: Tensor, idx: Tensor, chunk: int):
+    """Yield (positions, H[:, positions]) for chunks of the parameter positions ``idx``."""
+    g = grad(prob.loss_tensor)
+    th = theta.detach()
+
+    def hvp(v: Tensor) -> Tensor:
+        return jvp(g, (th,), (v,))[1]
+
+    for c in range(0, len(idx), chunk):
+        pos = idx[c:c + chunk]
+        E = torch.zeros(len(pos), prob.num_params, dtype=prob.dtype, device=prob.device)
+        E[torch.arange(len(pos)), pos] = 1.0
+        yield pos, vmap(hvp)(E).T
+
+
+class _Layout:
+    """Where a linear layer's augmented [W, b] entries sit in θ (weight row-major, then bias)."""
+
+    def __init__(self, prob: Problem, name: str, module: torch.nn.Linear) -> None:
+        prefix = f"{name}." if name else ""
+        self.start = prob.param_slices[prefix + "weight"].start
+        self.o, self.i = module.out_features, module.in_features
+        self.bias = prefix + "bias" in prob.param_slices
+        self.w_stop = self.start + self.o * self.i
+        self.stop = self.w_stop + (self.o if self.bias else 0)
+
+    def parts(self):
+        """(augmented column selector, θ range) for the weight part and the bias part."""
+        yield slice(0, self.i), slice(self.start, self.w_stop)
+        if self.bias:
+            yield slice(self.i, self.i + 1), slice(self.w_stop, self.stop)
+
+
+def _scatter(out: Tensor, T: Tensor, r: _Layout, c: _Layout, offset: int = 0) -> None:
+    """Write an augmented-layout block T (rows r, columns c) into ``out`` in θ layout."""
+    T4 = T.view(r.o, r.i + r.bias, c.o, c.i + c.bias)
+    for rsel, rrange in r.parts():
+        for csel, crange in c.parts():
+            out[rrange.start - offset:rrange.stop - offset, crange.start - offset:crange.stop - offset] = (
+                T4[:, rsel, :, csel].reshape(rrange.stop - rrange.start, crange.stop - crange.start))
+
+
+def _structured(prob: Problem, theta: Tensor) -> tuple[LayerCurvature | None, dict[str, _Layout]]:
+    layers = single_use_linear_layers(prob, theta)
+    if not layers:
+        return None, {}
+    lay = {n: _Layout(prob, n, m) for n, m in layers.items()}
+    return layer_curvature(prob, layers, theta), lay
+
+
 def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Dense:
     theta = prob.theta if theta is None else theta
     P = prob.num_params
     memory.check((P, P), prob.dtype, "the dense Hessian")
-    chunk = chunk or default_chunk(prob)
     H = torch.empty(P, P, dtype=prob.dtype, device=prob.device)
-    for j0, j1, cols in _columns(prob, theta, slice(0, P), chunk):
-        H[:, j0:j1] = cols
-    H = 0.5 * (H + H.T)
+    lc, lay = _structured(prob, theta)
+    names = sorted(lay, key=lambda n: lay[n].start)
+    for a, l in enumerate(names):
+        for m in names[a:]:
+            T = pair_block(lc, l, m)
+            if l == m:
+                T = 0.5 * (T + T.T)
+            _scatter(H, T, lay[l], lay[m])
+            if l != m:  # the transposed block, copied from θ layout (no second gather)
+                L, M = lay[l], lay[m]
+                H[M.start:M.stop, L.start:L.stop] = H[L.start:L.stop, M.start:M.stop].T
+    covered = torch.zeros(P, dtype=torch.bool)
+    for L in lay.values():
+        covered[L.start:L.stop] = True
+    rest = (~covered).nonzero().flatten().to(prob.device)
+    if len(rest):
+        chunk = chunk or default_chunk(prob)
+        for pos, cols in _hvp_columns(prob, theta, rest, chunk):
+            H[:, pos] = cols
+            H[pos, :] = cols.T
+        Hr = H[rest[:, None], rest[None, :]]
+        H[rest[:, None], rest[None, :]] = 0.5 * (Hr + Hr.T)
     return Dense(H)
+
+
+def _block_layers(b, lay: dict[str, _Layout]) -> list[str] | None:
+    """The structured layers that make up partition block b exactly, or None."""
+    inside = [n for n, L in lay.items() if L.start >= b.slice.start and L.stop <= b.slice.stop]
+    if sum(lay[n].stop - lay[n].start for n in inside) != b.size:
+        return None
+    return sorted(inside, key=lambda n: lay[n].start)
 
 
 def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> BlockDiagonal:
     theta = prob.theta if theta is None else theta
-    chunk = chunk or default_chunk(prob)
+    lc, lay = _structured(prob, theta)
     blocks = []
     for b in prob.partition:
         memory.check((b.size, b.size), prob.dtype, f"Hessian block {b.name!r}")
         Hb = torch.empty(b.size, b.size, dtype=prob.dtype, device=prob.device)
-        for j0, j1, cols in _columns(prob, theta, b.slice, chunk):
-            Hb[:, j0:j1] = cols
+        names = _block_layers(b, lay)
+        if names:
+            for a, l in enumerate(names):
+                for m in names[a:]:
+                    T = pair_block(lc, l, m)
+                    _scatter(Hb, T, lay[l], lay[m], b.slice.start)
+                    if l != m:
+                        L, M, o = lay[l], lay[m], b.slice.start
+                        Hb[M.start - o:M.stop - o, L.start - o:L.stop - o] = Hb[L.start - o:L.stop - o,
+                                                                                M.start - o:M.stop - o].T
+        else:
+            for j0, j1, cols in _columns(prob, theta, b.slice, chunk or default_chunk(prob)):
+                Hb[:, j0:j1] = cols
         blocks.append(Dense(0.5 * (Hb + Hb.T)))
     return BlockDiagonal(blocks, prob.partition.names)
 
 
 def hessian_diag(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Diagonal:
     theta = prob.theta if theta is None else theta
-    chunk = chunk or default_chunk(prob)
+    lc, lay = _structured(prob, theta)
     d = torch.empty(prob.num_params, dtype=prob.dtype, device=prob.device)
     for b in prob.partition:
-        for j0, j1, cols in _columns(prob, theta, b.slice, chunk):
-            d[b.slice.start + j0:b.slice.start + j1] = cols[j0:j1].diagonal()
+        names = _block_layers(b, lay)
+        if names:
+            for n in names:  # diag of Σ_n Ξ^{ll} ⊗ ā ā^T (Ψ^{ll} = 0)
+                L = lay[n]
+                xd = lc.Xi(n, n).diagonal(dim1=1, dim2=2)  # (N, o)
+                D = xd.T @ lc.abar(n) ** 2  # (o, i(+1))
+                d[L.start:L.w_stop] = D[:, :L.i].reshape(-1)
+                if L.bias:
+                    d[L.w_stop:L.stop] = D[:, L.i]
+        else:
+            for j0, j1, cols in _columns(prob, theta, b.slice, chunk or default_chunk(prob)):
+                d[b.slice.start + j0:b.slice.start + j1] = cols[j0:j1].diagonal()
     return Diagonal(d)

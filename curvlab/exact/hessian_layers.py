@@ -1,0 +1,169 @@
+"""The exact Hessian of single-use linear layers from pre-activation second derivatives.
+
+For a layer z_l = W_l a_l + b_l applied once per sample (a_l its input, δ_l = ∂L/∂z_l), write the
+bias into an augmented input ā_l = [a_l, 1] and W̄_l = [W_l, b_l]. Then, with
+
+    Ξ_n^{lm} = ∂²L / ∂z_n,l ∂z_n,m        (per-sample Hessian w.r.t. pre-activations)
+    Ψ_n^{lm} = ∂ā_n,l / ∂z_n,m            (how layer l's input responds to layer m's output),
+
+the Hessian block between the weights of layers l and m is (rows (i, j), columns (k, q))
+
+    H[W̄_l(i,j), W̄_m(k,q)] = Σ_n Ξ_n^{lm}[i,k] ā_n,l[j] ā_n,m[q]
+                           + Σ_n δ_n,l[i] Ψ_n^{lm}[j,k] ā_n,m[q]  + (the same with l ↔ m, transposed).
+
+Ψ^{lm} vanishes unless layer m comes before layer l, so each pair needs one of the two extra
+terms, and the pair contracts as ONE matrix product Σ_n X_n ā_n,mᵀ with X_n = Ξ_n ⊗ ā_n,l + δ_n ⊗ Ψ_n
+(2·N·P_l·P_m flops: the same floor as the GGN). Ξ and Ψ for all layers come from
+Σ_l d_out,l forward-over-reverse products in pre-activation space — one per output unit of a
+layer, not one per parameter — each covering all samples at once (samples are independent).
+This is the Hessian analogue of the layer-structured GGN in :mod:`curvlab.exact.outer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from curvlab.exact.outer import _CHUNK_BYTES
+from curvlab.problem import Problem
+
+__all__ = ["single_use_linear_layers", "LayerCurvature", "layer_curvature", "pair_block"]
+
+
+def single_use_linear_layers(prob: Problem, theta: Tensor | None = None) -> dict[str, nn.Linear]:
+    """``nn.Linear`` layers (trainable weight, weight then bias in θ) applied once per forward to
+    (N, d_in) inputs — the layers whose Hessian blocks :func:`pair_block` computes."""
+    from curvlab.capture import supported_layers
+
+    cands = {k: m for k, m in supported_layers(prob).items() if type(m) is nn.Linear}
+    calls: dict[str, list[int]] = {k: [] for k in cands}
+
+    def mk(name: str):
+        def hook(_m, inp, _out):
+            calls[name].append(inp[0].ndim)
+
+        return hook
+
+    hs = [m.register_forward_hook(mk(k)) for k, m in cands.items()]
+    try:
+        with torch.no_grad():
+            prob.output(theta)
+    finally:
+        for h in hs:
+            h.remove()
+    return {k: m for k, m in cands.items() if calls[k] == [2]}
+
+
+class LayerCurvature:
+    """δ, ā, Ξ and Ψ of the single-use linear layers of a problem at θ (see the module docstring)."""
+
+    def __init__(self, names: list[str], sizes: list[int], delta: dict[str, Tensor], acts: dict[str, Tensor],
+                 xi: dict[str, Tensor], psi: dict[str, Tensor], has_bias: dict[str, bool]) -> None:
+        self.names = names
+        self.offset = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
+        self.d_out = dict(zip(names, sizes))
+        self.delta, self.acts, self.xi, self.psi, self.has_bias = delta, acts, xi, psi, has_bias
+
+    def abar(self, name: str) -> Tensor:
+        """ā = [a, 1] (or a without a trainable bias), shape (N, d_in(+1))."""
+        a = self.acts[name]
+        if self.has_bias[name]:
+            return torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        return a
+
+    def Xi(self, l: str, m: str) -> Tensor:
+        """Ξ^{lm}, shape (N, d_l, d_m)."""
+        o = self.offset[m]
+        return self.xi[l][o:o + self.d_out[m]].permute(1, 2, 0)
+
+    def Psi(self, l: str, m: str) -> Tensor | None:
+        """Ψ^{lm} with the bias row (zero), shape (N, d_in(+1), d_m); None when identically zero."""
+        o = self.offset[m]
+        P = self.psi[l][o:o + self.d_out[m]]
+        if not bool(P.any()):
+            return None
+        P = P.permute(1, 2, 0)
+        if self.has_bias[l]:
+            P = torch.cat([P, torch.zeros_like(P[:, :1])], dim=1)
+        return P
+
+
+def layer_curvature(prob: Problem, layers: dict[str, nn.Linear], theta: Tensor | None = None) -> LayerCurvature:
+    """Ξ and Ψ by Σ d_out forward-over-reverse products in pre-activation space (vmapped)."""
+    theta = prob.theta if theta is None else theta
+    names = list(layers)
+    params = {k: v.detach() for k, v in prob.params(theta).items()}
+    X, y, lik, model = prob.X, prob.y, prob.likelihood, prob.model
+
+    def loss_and_inputs(eps: dict[str, Tensor]):
+        inputs: dict[str, Tensor] = {}
+
+        def mk(name: str):
+            def hook(_m, inp, out):
+                inputs[name] = inp[0]
+                return out + eps[name]
+
+            return hook
+
+        hs = [layers[n].register_forward_hook(mk(n)) for n in names]
+        try:
+            f = functional_call(model, params, (X,))
+        finally:
+            for h in hs:
+                h.remove()
+        return lik.loss(f, y), tuple(inputs[n] for n in names)
+
+    g = grad(loss_and_inputs, has_aux=True)
+    sizes = [layers[n].out_features for n in names]
+    N, total = X.shape[0], sum(sizes)
+    eps0 = {n: torch.zeros(N, d, dtype=prob.dtype, device=prob.device) for n, d in zip(names, sizes)}
+    delta, acts = g(eps0)
+    # one tangent per output unit of every layer: e_k at layer m, for all samples at once
+    tangents = {}
+    start = 0
+    for n, d in zip(names, sizes):
+        t = torch.zeros(total, N, d, dtype=prob.dtype, device=prob.device)
+        t[torch.arange(start, start + d), :, torch.arange(d)] = 1.0
+        tangents[n] = t
+        start += d
+
+    def response(t: dict[str, Tensor]):
+        return jvp(g, (eps0,), (t,))[1]
+
+    xi, psi = vmap(response)(tangents)
+    return LayerCurvature(names, sizes, {n: delta[n].detach() for n in names},
+                          {n: a.detach() for n, a in zip(names, acts)},
+                          {n: xi[n] for n in names}, {n: p for n, p in zip(names, psi)},
+                          {n: (f"{n}." if n else "") + "bias" in prob.param_slices for n in names})
+
+
+def _contract(left, o: int, rest: int, b: Tensor) -> Tensor:
+    """Σ_n left(o-chunk)[n, (o, r)] b[n, j] → (o·rest, j): one GEMM with inner dimension N per
+    chunk of output rows."""
+    n = b.shape[0]
+    out = torch.empty(o * rest, b.shape[1], dtype=b.dtype, device=b.device)
+    step = max(1, _CHUNK_BYTES // max(1, n * rest * b.element_size()))
+    for s in range(0, o, step):
+        e = min(o, s + step)
+        torch.matmul(left(slice(s, e)).reshape(n, -1).T, b, out=out[s * rest:e * rest])
+    return out
+
+
+def pair_block(lc: LayerCurvature, l: str, m: str) -> Tensor:
+    """H[W̄_l, W̄_m] in augmented layout (d_l·(in_l+1), d_m·(in_m+1))."""
+    Psi_lm = lc.Psi(l, m)
+    if Psi_lm is None and lc.Psi(m, l) is not None:
+        return pair_block(lc, m, l).T
+    al, am, Xi, dl = lc.abar(l), lc.abar(m), lc.Xi(l, m), lc.delta[l]
+    N, o, p = Xi.shape
+    i = al.shape[1]
+
+    def left(s: slice) -> Tensor:  # (N, o-chunk, i, p)
+        X = Xi[:, s, None, :] * al[:, None, :, None]
+        if Psi_lm is not None:
+            X = X + dl[:, s, None, None] * Psi_lm[:, None, :, :]
+        return X
+
+    T = _contract(left, o, i * p, am)
+    return T.view(o * i, p * am.shape[1])
