@@ -139,14 +139,14 @@ def layer_curvature(prob: Problem, layers: dict[str, nn.Linear], theta: Tensor |
 
 
 def _contract(left, o: int, rest: int, b: Tensor) -> Tensor:
-    """Σ_n left(o-chunk)[n, (o, r)] b[n, j] → (o·rest, j): one GEMM with inner dimension N per
-    chunk of output rows."""
+    """Σ_n left(o-chunk)[(o, r), n] b[n, j] → (o·rest, j): ``left`` returns its chunk with the
+    samples innermost, so each chunk is one row-major GEMM with inner dimension N."""
     n = b.shape[0]
     out = torch.empty(o * rest, b.shape[1], dtype=b.dtype, device=b.device)
     step = max(1, _CHUNK_BYTES // max(1, n * rest * b.element_size()))
     for s in range(0, o, step):
         e = min(o, s + step)
-        torch.matmul(left(slice(s, e)).reshape(n, -1).T, b, out=out[s * rest:e * rest])
+        torch.matmul(left(slice(s, e)).reshape(-1, n), b, out=out[s * rest:e * rest])
     return out
 
 
@@ -158,11 +158,14 @@ def pair_block(lc: LayerCurvature, l: str, m: str) -> Tensor:
     al, am, Xi, dl = lc.abar(l), lc.abar(m), lc.Xi(l, m), lc.delta[l]
     N, o, p = Xi.shape
     i = al.shape[1]
+    # samples innermost and contiguous, so the products below are contiguous in (o, i, p, N)
+    Xt, at, dt = Xi.permute(1, 2, 0).contiguous(), al.T.contiguous(), dl.T.contiguous()
+    Pt = None if Psi_lm is None else Psi_lm.permute(1, 2, 0).contiguous()  # (i, p, N)
 
-    def left(s: slice) -> Tensor:  # (N, o-chunk, i, p)
-        X = Xi[:, s, None, :] * al[:, None, :, None]
-        if Psi_lm is not None:
-            X = X + dl[:, s, None, None] * Psi_lm[:, None, :, :]
+    def left(s: slice) -> Tensor:  # (o-chunk, i, p, N), samples innermost
+        X = Xt[s, None, :, :] * at[None, :, None, :]
+        if Pt is not None:
+            X = X + dt[s, None, None, :] * Pt[None, :, :, :]
         return X
 
     T = _contract(left, o, i * p, am)

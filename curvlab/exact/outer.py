@@ -38,16 +38,19 @@ def _rows(p: LayerIO | GenericRows) -> Tensor:
 def _kron_sum(M: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Σ_n M_n ⊗ (a_n b_nᵀ) with rows (o, i) and columns (p, j): M (N,o,p), a (N,i), b (N,j).
 
-    One GEMM with inner dimension N per chunk of output rows (chunking the samples instead would
-    re-read and re-write the output once per chunk).
+    The left factor W[(o, i, p), n] = M_n[o, p] a_n[i] is formed with the samples innermost, so
+    that W @ b is one row-major GEMM with inner dimension N whose output already has the layout
+    (o, i),(p, j); it is formed in chunks of output rows to bound memory.
     """
     n, o, p = M.shape
     i, j = a.shape[1], b.shape[1]
     out = torch.empty(o * i * p, j, dtype=M.dtype, device=M.device)
+    Mt, at = M.permute(1, 2, 0).contiguous(), a.T.contiguous()  # (o, p, N), (i, N)
     step = max(1, _CHUNK_BYTES // max(1, n * i * p * M.element_size()))
     for s in range(0, o, step):
-        W = (M[:, s:s + step, None, :] * a[:, None, :, None]).reshape(n, -1)
-        torch.matmul(W.T, b, out=out[s * i * p:min(o, s + step) * i * p])
+        e = min(o, s + step)
+        W = Mt[s:e, None, :, :] * at[None, :, None, :]  # (o-chunk, i, p, N), contiguous
+        torch.matmul(W.reshape(-1, n), b, out=out[s * i * p:e * i * p])
     return out.view(o * i, p * j)
 
 
