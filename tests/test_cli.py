@@ -87,3 +87,15 @@ def test_traceback_flag_reraises():
 def test_format_table_aligns():
     text = cli.format_table(["a", "bb"], [["x", 1], ["yyy", 22]])
     assert text.splitlines() == ["a    bb", "---  --", "x     1", "yyy  22"]
+
+
+def test_module_entry_point_exit_status():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "curvlab", "oracle", "digits-rnn"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "curvlab oracle: error: unknown problem 'digits-rnn'; valid names: " + ", ".join(problems.names())]
