@@ -132,16 +132,25 @@ class KronPiece:
         return self.io.g
 
     def input_factor(self, approx: str = "expand") -> Tensor:
-        """A (see the module docstring)."""
-        a = self.inputs()
+        """A (see the module docstring); a folded bias adds the row/column (mean a, 1) without copying a."""
+        a = self.io.a
         n, t, d = a.shape
         if not self.weight:  # the constant input 1
             return torch.ones(1, 1, dtype=a.dtype, device=a.device)
         if t > 1 and approx == "reduce":
-            a = a.mean(dim=1)
-            return (a.T @ a) / n
-        a = a.reshape(-1, d)
-        return (a.T @ a) / (n * t)
+            a, rows = a.mean(dim=1), n
+        else:
+            a, rows = a.reshape(-1, d), n * t
+        aa = a.T @ a
+        if not self.bias:
+            return aa / rows
+        A = torch.empty(d + 1, d + 1, dtype=a.dtype, device=a.device)
+        A[:d, :d] = aa
+        s = a.sum(dim=0)
+        A[:d, d] = s
+        A[d, :d] = s
+        A[d, d] = rows
+        return A / rows
 
     def output_factor(self, approx: str = "expand") -> Tensor:
         """G (see the module docstring)."""
