@@ -112,9 +112,9 @@ class CrossEntropy(Likelihood):
         if f.ndim != 2:
             raise ValueError(f"CrossEntropyLoss needs model outputs of shape (N, C); got {tuple(f.shape)} "
                              "(flatten spatial outputs into the batch first)")
-        if y.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"CrossEntropyLoss targets must be integer class indices of shape (N,); got "
-                            f"dtype {y.dtype} (probability targets are not supported)")
+        if y.dtype != torch.long:
+            raise TypeError(f"CrossEntropyLoss targets must be integer class indices (torch.long) of shape "
+                            f"(N,); got dtype {y.dtype} (probability targets are not supported)")
         if y.shape != (f.shape[0],):
             raise ValueError(f"CrossEntropyLoss targets must have shape (N,) = ({f.shape[0]},); "
                              f"got {tuple(y.shape)}")

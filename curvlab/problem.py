@@ -151,6 +151,8 @@ class Problem:
             X = X.to(dtype=self.dtype)
         if torch.is_floating_point(y):
             y = y.to(dtype=self.dtype)
+        elif y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8) and self.likelihood.name == "cross_entropy":
+            y = y.long()  # class indices in a narrower integer type
         X, y = X.to(self.device), y.to(self.device)
         _check_finite(X, "X")
         _check_finite(y, "y")

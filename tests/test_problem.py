@@ -335,3 +335,14 @@ def test_float32_problem_and_data_cast():
     X, y = torch.randn(N, 3, dtype=torch.float64), torch.randint(0, 4, (N,))
     prob = cl.Problem(model, nn.CrossEntropyLoss(), X, y)
     assert prob.dtype == torch.float32 and prob.X.dtype == torch.float32 and prob.gradient().dtype == torch.float32
+
+
+def test_cross_entropy_target_integer_types():
+    """Narrow integer class indices are widened to long; bool targets are refused, not crashed on."""
+    model = nn.Linear(3, 2).double()
+    X = torch.randn(3, 3, dtype=torch.float64)
+    prob = cl.Problem(model, nn.CrossEntropyLoss(), X, torch.tensor([0, 1, 1], dtype=torch.int32))
+    assert prob.y.dtype == torch.long
+    assert prob.loss() == pytest.approx(float(nn.CrossEntropyLoss()(model(X), prob.y)))
+    with pytest.raises(TypeError, match="torch.long"):
+        cl.Problem(model, nn.CrossEntropyLoss(), X, torch.tensor([True, False, True]))

@@ -128,8 +128,8 @@ def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None 
     for a, l in enumerate(names):
         for m in names[a:]:
             T = pair_block(lc, l, m)
-            if l == m:
-                T = 0.5 * (T + T.T)
+            if l == m:  # exactly symmetric, not just up to rounding
+                T.add_(T.T.clone()).mul_(0.5)
             _scatter(H, T, lay[l], lay[m])
             if l != m:  # the transposed block, copied from θ layout (no second gather)
                 L, M = lay[l], lay[m]

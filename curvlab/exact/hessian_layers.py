@@ -131,7 +131,12 @@ def layer_curvature(prob: Problem, layers: dict[str, nn.Linear], theta: Tensor |
     def response(t: dict[str, Tensor]):
         return jvp(g, (eps0,), (t,))[1]
 
-    xi, psi = vmap(response)(tangents)
+    # chunks of tangents keep the vmapped forward/backward near 32 MiB of activations
+    acts_bytes = max(1, N * sum(a.shape[1] + d for a, d in zip(acts, sizes)) * X.element_size())
+    step = max(1, min(total, (32 * 2**20) // (4 * acts_bytes)))
+    parts = [vmap(response)({n: t[c:c + step] for n, t in tangents.items()}) for c in range(0, total, step)]
+    xi = {n: torch.cat([p[0][n] for p in parts]) for n in names}
+    psi = [torch.cat([p[1][i] for p in parts]) for i in range(len(names))]
     return LayerCurvature(names, sizes, {n: delta[n].detach() for n in names},
                           {n: a.detach() for n, a in zip(names, acts)},
                           {n: xi[n] for n in names}, {n: p for n, p in zip(names, psi)},

@@ -24,7 +24,7 @@ from curvlab.problem import Partition
 
 __all__ = ["dense_from_capture", "block_from_capture", "diag_from_capture"]
 
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 
 
 def _is_kron(p: LayerIO | GenericRows) -> bool:
@@ -110,7 +110,7 @@ def _fill(pieces: list, out: Tensor, offset: int) -> None:
             block = out[p.start - offset:p.stop - offset, q.start - offset:q.stop - offset]
             _pair(p, q, block)
             if q is p:  # exactly symmetric, not just up to rounding
-                block.copy_(0.5 * (block + block.T))
+                block.add_(block.T.clone()).mul_(0.5)
             else:
                 out[q.start - offset:q.stop - offset, p.start - offset:p.stop - offset] = block.T
 
