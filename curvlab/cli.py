@@ -2,6 +2,8 @@
 
     curvlab problems                      the canned problems
     curvlab oracle NAME [--n N] ...       a problem's exact curvature: traces, top eigenvalues, timings
+    curvlab compare NAME [--methods ...]  agreement report (netCDF + figures under data/results/)
+    curvlab plot FILE.nc                  redraw a saved report's figures beside it
 
 Adding a subcommand: write ``_configure_x(parser)`` (its arguments; :func:`add_problem_arguments`
 gives the usual NAME/--n/--seed/--dtype) and ``_run_x(args) -> int`` (prints to stdout, returns the
@@ -172,12 +174,111 @@ def _run_oracle(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- curvlab compare
+def _configure_compare(parser: argparse.ArgumentParser) -> None:
+    from curvlab.compare.methods import DEFAULT_METHODS
+
+    add_problem_arguments(parser)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated method names (default: " + ",".join(DEFAULT_METHODS)
+                        + "); see curvlab.compare.methods")
+    parser.add_argument("--references", default="ggn", help="comma-separated exact references (default ggn)")
+    parser.add_argument("--damping", default="1e-3,1e-2,1e-1", help="comma-separated dampings (default 1e-3,1e-2,1e-1)")
+    parser.add_argument("--k", type=int, default=20, help="top eigenpairs for ratios and overlaps (default 20)")
+    parser.add_argument("--damping-rule", choices=["own", "exact"], default="own",
+                        help="own: each method's damping rule (KFAC: pi); exact: (C + λI)⁻¹ for all (default own)")
+    parser.add_argument("--step", default="armijo",
+                        help="step size for the loss changes: armijo, model, or a learning rate (default armijo)")
+    parser.add_argument("--mc-samples", type=int, default=1, help="labels per input for Monte-Carlo methods")
+    parser.add_argument("--top-only", action="store_true",
+                        help="top-k eigenpairs only (no full spectra: faster for large P)")
+    parser.add_argument("--out", default=None, help="netCDF file to write (default data/results/NAME-compare.nc)")
+    parser.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def _csv(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{what}: give at least one value; got {text!r}")
+    return items
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from curvlab import plot
+    from curvlab.compare import format_report, report, save
+
+    try:
+        dampings = [float(d) for d in _csv(args.damping, "--damping")]
+    except ValueError:
+        raise UsageError(f"--damping: expected comma-separated numbers; got {args.damping!r}") from None
+    step: float | str = args.step
+    if step not in ("armijo", "model"):
+        try:
+            step = float(step)
+        except ValueError:
+            raise UsageError(f"--step: use armijo, model or a number; got {args.step!r}") from None
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1; got {args.k}")
+    prob = problem_from_args(args)
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    ds = report(prob, methods=_csv(args.methods, "--methods"), damping=dampings,
+                references=_csv(args.references, "--references"), k=args.k, full_spectrum=not args.top_only,
+                damping_rule=args.damping_rule, step=step, mc_samples=args.mc_samples, seed=args.seed,
+                skip_unavailable=True, progress=progress)
+    print(format_report(ds))
+    out = Path(args.out) if args.out else Path("data") / "results" / f"{args.name}-compare.nc"
+    path = save(ds, out)
+    print(f"\nwrote {path}  ({time.perf_counter() - t0:.0f} s)")
+    if not args.no_figures:
+        for fig in plot.save_figures(ds, path.with_suffix("")):
+            print(f"wrote {fig}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- curvlab plot
+def _configure_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE.nc", help="a report written by `curvlab compare`")
+    parser.add_argument("--dpi", type=int, default=130, help="resolution of the PNGs (default 130)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from curvlab import plot
+    from curvlab.compare import load
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        ds = load(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path} as netCDF: {exc}") from None
+    written = plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi)
+    if not written:
+        raise UsageError(f"{path} holds no variables these figures draw (is it a `curvlab compare` report?)")
+    for fig in written:
+        print(f"wrote {fig}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- registry and entry point
 #: Every subcommand, in the order ``curvlab --help`` lists them.
 COMMANDS: list[Command] = [
     Command("problems", "list the canned problems", _configure_problems, _run_problems),
     Command("oracle", "summarise a problem's exact Hessian, GGN and empirical Fisher", _configure_oracle,
             _run_oracle),
+    Command("compare", "agreement report: KFAC family vs exact curvature (matrices, spectra, directions)",
+            _configure_compare, _run_compare),
+    Command("plot", "draw the figures of a saved report (PNGs beside FILE.nc)", _configure_plot, _run_plot),
 ]
 
 

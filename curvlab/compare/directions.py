@@ -186,8 +186,6 @@ def directions(methods: Mapping[str, Method], g: Tensor, damping: float = 0.0, *
     loss0 = loss(torch.zeros_like(g)) if loss is not None else None
     for i, n in enumerate(names):
         x = xs[n]
-        if model is None and loss is None and not isinstance(step, (int, float)):
-            continue
         a = step_size(step, x, g, model, loss, loss0)
         alpha[i] = a
         if model is not None:

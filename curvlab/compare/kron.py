@@ -45,6 +45,26 @@ def _folded(K: Kron | EigenKron, D: Tensor) -> Tensor:
     return D.reshape(K.p, K.q, K.p, K.q)
 
 
+def _kron_dense_inner(K: Kron, D: Tensor) -> Tensor:
+    """⟨G ⊗ A, D⟩ by the Van Loan rearrangement, on views of D (no permuted copy).
+
+    With a folded bias the parameter order is [vec_r(W), b]: D splits into weight–weight,
+    weight–bias and bias–bias parts, and A into its weight part A_ww, its bias column a_wb and
+    its corner a_bb: ⟨K, D⟩ = Σ G_ij (A_ww)_kl D_ww[i,k,j,l] + 2 Σ G_ij (a_wb)_k D_wb[i,k,j]
+    + a_bb Σ G_ij D_bb[i,j].
+    """
+    p, q = K.p, K.q
+    if not K.bias:
+        return torch.einsum("ij,ikjl,kl->", K.G, D.reshape(p, q, p, q), K.A)
+    r, w = q - 1, p * (q - 1)
+    Dww = D[:w, :w].reshape(p, r, p, r)
+    Dwb = D[:w, w:].reshape(p, r, p)
+    Dbb = D[w:, w:]
+    out = torch.einsum("ij,ikjl,kl->", K.G, Dww, K.A[:r, :r])
+    out = out + 2 * torch.einsum("ij,ikj,k->", K.G, Dwb, K.A[:r, r])
+    return out + K.A[r, r] * (K.G * Dbb).sum()
+
+
 def _eigen_of(K: CurvatureMatrix) -> EigenKron | None:
     if isinstance(K, Kron):
         return K.eigen()
@@ -56,8 +76,7 @@ def _kron_inner(A: CurvatureMatrix, B: CurvatureMatrix) -> Tensor | None:
     if isinstance(A, Kron) and isinstance(B, Kron) and _same_layout(A, B):
         return (A.A * B.A).sum() * (A.G * B.G).sum()
     if isinstance(A, Kron) and isinstance(B, Dense) and A.size == B.size:
-        D4 = _folded(A, B.matrix.to(A.dtype))
-        return torch.einsum("ij,ikjl,kl->", A.G, D4, A.A)
+        return _kron_dense_inner(A, B.matrix.to(A.dtype))
     ea, eb = _eigen_of(A), _eigen_of(B)
     if ea is not None and eb is not None and _same_layout(ea, eb):
         if ea._same_basis(eb):

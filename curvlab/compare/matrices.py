@@ -178,11 +178,26 @@ def _columns_inner(A: CurvatureMatrix, B: CurvatureMatrix, chunk: int = 256) -> 
 
 
 # ---------------------------------------------------------------------------------------- primitives
+_INNER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def inner(A: CurvatureMatrix, B: CurvatureMatrix) -> Tensor:
-    """⟨A, B⟩_F = Σ_ij A_ij B_ij, from the structures (see the module docstring for the rules)."""
+    """⟨A, B⟩_F = Σ_ij A_ij B_ij, from the structures (see the module docstring for the rules).
+
+    Matrices are immutable, so the value is memoised per pair (a cosine and a relative error of the
+    same pair share it).
+    """
     _check_pair(A, B)
     if A is B:
         return A.frobenius_norm() ** 2
+    memo = _INNER.setdefault(A, {})
+    key = weakref.ref(B)
+    if key not in memo:
+        memo[key] = _inner(A, B)
+    return memo[key]
+
+
+def _inner(A: CurvatureMatrix, B: CurvatureMatrix) -> Tensor:
     dtype = _dtype(A, B)
     if isinstance(B, Diagonal) and not isinstance(A, Diagonal):
         A, B = B, A

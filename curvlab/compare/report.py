@@ -39,7 +39,7 @@ from torch import Tensor
 from curvlab.compare import methods as _methods
 from curvlab.compare.directions import direction_of, energy_norm, step_size
 from curvlab.compare.kron import factor_fraction_below
-from curvlab.compare.matrices import cosine, logdet_difference, relative_error, trace_ratio
+from curvlab.compare.matrices import cosine, logdet_difference, relative_error, restrict, trace_ratio
 from curvlab.compare.spectra import eigenvalues, fraction_below, negative_mass, spectra
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
@@ -89,6 +89,8 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
                          "change of the local quadratic model alpha g^T x + alpha^2/2 x^T B x with the reference's "
                          "curvature B"),
     "actual_change": (("method", "damping"), "loss", "actual loss change L(theta + alpha x) - L(theta)"),
+    "reference_norm": (("reference", "block"), "loss / parameter^2",
+                       "Frobenius norm of the reference |B|_F (block 'all') or of its diagonal block |B_bb|_F"),
     "build_seconds": (("method",), "s", "wall-clock time to build the method's matrix"),
     "loss": ((), "loss", "loss L(theta) at the evaluation point"),
     "gradient_norm": ((), "loss / parameter", "Euclidean norm of the full-batch gradient"),
@@ -316,6 +318,11 @@ def report(prob: Problem,
                     w1log[i, j, d] = spectra(A, Bm, k=k, full=True, damping=lam).wasserstein_log if lam > 0 \
                         else sp.wasserstein_log
 
+    ref_norm = np.full((R, B), nan)
+    for j, r in enumerate(refs):
+        ref_norm[j] = [float(built[r].frobenius_norm())] + [float(restrict(built[r], s).frobenius_norm())
+                                                             for _, s in block_spec]
+
     frac = np.full((M, D), nan)
     neg = np.full((M,), nan)
     ggn = built.get("ggn") if isinstance(built.get("ggn"), CurvatureMatrix) else None
@@ -392,7 +399,7 @@ def report(prob: Problem,
               "factor_fraction_below": ffrac, "negative_mass": neg, "direction_cosine": dcos, "step_norm": norm,
               "slope": slope, "energy_error": eerr, "alpha": alpha, "predicted_change": pred,
               "actual_change": actual,
-              "build_seconds": np.array([seconds.get(m, nan) for m in order]),
+              "reference_norm": ref_norm, "build_seconds": np.array([seconds.get(m, nan) for m in order]),
               "loss": np.array(loss0), "gradient_norm": np.array(float(torch.linalg.vector_norm(g)))}
     if full_spectrum:
         values["eigenvalues"] = eig

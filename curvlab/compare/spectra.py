@@ -83,6 +83,8 @@ def top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
     if not 1 <= k <= C.size:
         raise ValueError(f"k must be in [1, {C.size}]; got {k}")
     memo = _TOP.setdefault(C, {})
+    if k in memo:
+        return memo[k]
     for kk in sorted(memo):
         if kk >= k:
             w, Q = memo[kk]
