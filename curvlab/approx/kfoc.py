@@ -20,6 +20,7 @@ depend on it; π-damping neither).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ from curvlab.problem import Problem
 __all__ = ["kfoc", "rearranged_products"]
 
 
-def rearranged_products(piece: KronPiece) -> tuple:
+def rearranged_products(piece: KronPiece) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(R, Rᵀ): batched products with the rearranged exact block, X (r, q, q) → (r, p, p) and back."""
     a, g = piece.inputs(), piece.grads  # (N, T, q), (k, N, T, p)
     k, n, t, p = g.shape

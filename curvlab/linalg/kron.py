@@ -194,7 +194,7 @@ class EigenKron(_KronLayout):
         if Q_A.dtype != Q_G.dtype or S.dtype != Q_A.dtype:
             raise TypeError("Q_A, Q_G and S must share one dtype")
         super().__init__(p, q, bias, S.dtype, S.device)
-        self.Q_A, self.Q_G, self.S = Q_A, Q_G, S
+        self.Q_A, self.Q_G, self.S = Q_A.contiguous(), Q_G.contiguous(), S.contiguous()
         if factor_eigenvalues is not None:
             eA, eG = factor_eigenvalues
             if eA.shape != (q,) or eG.shape != (p,):
@@ -315,7 +315,7 @@ class Kron(_KronLayout):
         if A.dtype != G.dtype:
             raise TypeError(f"A and G must share one dtype; got {A.dtype} and {G.dtype}")
         super().__init__(G.shape[0], A.shape[0], bias, A.dtype, A.device)
-        self.A, self.G = A, G
+        self.A, self.G = A.contiguous(), G.contiguous()
 
     @property
     def structure(self) -> str:

@@ -46,6 +46,14 @@ def test_identical_inputs_are_exact(fisher):
     assert_blocks_equal(K, exact_of(prob, fisher, mc_samples=2, seed=1))
 
 
+def test_follows_the_problems_theta():
+    prob = cases.mlp(n=1)
+    moved = prob.at(prob.theta + 0.3 * torch.randn(prob.num_params, dtype=torch.float64))
+    K = cl.approx.kfac(moved)
+    assert_blocks_equal(K, cl.exact.ggn(moved, structure="block"))
+    assert rel(K.to_dense(), cl.approx.kfac(prob).to_dense()) > 1e-3
+
+
 def test_general_case_is_not_exact():
     prob = cases.mlp(n=16)
     K = cl.approx.kfac(prob)
