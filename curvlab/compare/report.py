@@ -482,13 +482,20 @@ def load(path: str | os.PathLike) -> xr.Dataset:
 
 
 # ---------------------------------------------------------------------------------------- text
+def _cell(v: float, fmt: str) -> str:
+    if np.isnan(v):
+        return "—"
+    text = format(v, fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _fmt_table(row_names: Sequence[str], col_names: Sequence[str], values: np.ndarray, fmt: str,
-               corner: str = "") -> str:
+               corner: str = "", width: int = 9) -> str:
     w0 = max(len(corner), *(len(r) for r in row_names)) + 2
-    w = max(9, *(len(c) + 2 for c in col_names))
+    w = max(width, *(len(c) + 2 for c in col_names))
     lines = [corner.ljust(w0) + "".join(c.rjust(w) for c in col_names)]
     for r, row in zip(row_names, values):
-        lines.append(r.ljust(w0) + "".join(("—" if np.isnan(v) else format(v, fmt)).rjust(w) for v in row))
+        lines.append(r.ljust(w0) + "".join(_cell(v, fmt).rjust(w) for v in row))
     return "\n".join(lines)
 
 
@@ -503,7 +510,9 @@ def format_report(ds: xr.Dataset, reference: str | None = None, damping: float |
     out = [f"{ds.attrs.get('title', 'curvlab report')}  (N={ds.attrs.get('num_samples')}, "
            f"P={ds.attrs.get('num_params')}, loss={float(ds['loss']):.4f}, |g|={float(ds['gradient_norm']):.3e})"]
     mat = [m for m in methods if not np.isnan(ds["cosine"].sel({"method": m, "reference": reference, "block": "all"}))]
-    out.append(f"\nMatrix agreement with {reference}: Frobenius cosine (relative error) per block")
+    out.append(f"\nMatrix agreement with {reference}: Frobenius cosine (relative Frobenius error), whole matrix "
+               f"('all') and per block;\noverlap = mean squared cosine of the top-{ds.sizes['top']} eigenspaces"
+               + ("; W1(log) = Wasserstein-1 of log10 eigenvalues at λ" if "eigenvalues" in ds else ""))
     cos = ds["cosine"].sel({"reference": reference, "method": mat}).values
     rel = ds["relative_error"].sel({"reference": reference, "method": mat}).values
     w0 = max(8, *(len(m) for m in mat)) + 2
@@ -518,9 +527,18 @@ def format_report(ds: xr.Dataset, reference: str | None = None, damping: float |
             wl = float(ds["wasserstein_log"].sel({"method": m, "reference": reference, "damping": damping}))
             extra += f"{wl:.3f}".rjust(10)
         out.append(m.ljust(w0) + cells + extra)
-    out.append(f"\nUpdate directions at damping {damping:g} (rule: {ds.attrs.get('damping_rule')}): pairwise cosine")
-    out.append(_fmt_table(methods, methods, dsel["direction_cosine"].values, ".2f", "method"))
-    out.append(f"\nStep quality against {reference} (step rule {ds.attrs.get('step_rule')})")
+    rule = ds.attrs.get("damping_rule")
+    out.append(f"\nUpdate directions at damping {damping:g} (damping rule: {rule}): pairwise cosine")
+    dc = dsel["direction_cosine"].values
+    if len(methods) <= 8:
+        out.append(_fmt_table(methods, methods, dc, ".2f", "method"))
+    else:  # numbered columns keep the table narrow
+        rows = [f"{i + 1:>2} {m}" for i, m in enumerate(methods)]
+        out.append(_fmt_table(rows, [str(i + 1) for i in range(len(methods))], dc, ".2f", "", width=6))
+    step = ds.attrs.get("step_rule")
+    out.append(f"\nStep quality against {reference}: |x| step norm; energy err = |x - x*|_(B+λI) / |x*|_(B+λI), "
+               f"x* = -(B+λI)^-1 g;\nalpha = step size ({step}); predicted = change of the quadratic model of "
+               f"{reference}; actual = L(θ + alpha x) - L(θ)")
     cols = ["|x|", "energy err", "alpha", "predicted", "actual"]
     vals = np.stack([dsel["step_norm"].values, dsel["energy_error"].sel({"reference": reference}).values,
                      dsel["alpha"].values, dsel["predicted_change"].sel({"reference": reference}).values,

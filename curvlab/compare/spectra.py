@@ -215,9 +215,11 @@ def negative_mass(H: CurvatureMatrix, reference: CurvatureMatrix | None = None) 
     """Σ_{λ_i(H)<0} |λ_i(H)| / tr(reference), or / Σ_i |λ_i(H)| without a reference.
 
     With the GGN as reference (PSD, so tr = Σ|λ|) this is the negative-curvature mass of the
-    Hessian relative to the GGN's total curvature.
+    Hessian relative to the GGN's total curvature. Eigenvalues above −P·ε·max|λ| (ε the dtype's
+    machine epsilon) are rounding noise of zero and do not count.
     """
     w = H.eigvalsh().to(torch.float64)
-    neg = float(w[w < 0].abs().sum())
+    tol = w.numel() * torch.finfo(H.dtype).eps * float(w.abs().max()) if w.numel() else 0.0
+    neg = float(w[w < -tol].abs().sum())
     denom = float(reference.trace()) if reference is not None else float(w.abs().sum())
     return neg / denom if denom != 0 else math.nan

@@ -1,0 +1,141 @@
+"""The report Dataset: dimensions, attributes, netCDF round trip, text; the method registry."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import curvlab as cl
+import curvlab.compare as cc
+from curvlab.compare import methods as reg
+from curvlab.linalg import CurvatureMatrix
+from tests.compare.conftest import REPORT_DAMPING as DAMPING
+from tests.compare.conftest import REPORT_METHODS as METHODS
+
+
+@pytest.fixture()
+def prob(small_prob) -> cl.Problem:
+    return small_prob
+
+
+@pytest.fixture()
+def ds(small_report) -> xr.Dataset:
+    return small_report
+
+
+def test_dimensions_coordinates_and_attributes(ds, prob):
+    assert dict(ds.sizes) == {"method": len(METHODS), "reference": 2, "block": 1 + len(prob.partition),
+                              "damping": 2, "eig": prob.num_params, "top": 5, "factor": 2, "versus": len(METHODS)}
+    assert list(ds.method.values) == METHODS
+    assert list(ds.block.values) == ["all", *prob.partition.names]
+    np.testing.assert_array_equal(ds.damping.values, DAMPING)
+    for name, (dims, units, desc) in cc.VARIABLES.items():
+        assert ds[name].dims == dims, name
+        assert ds[name].attrs == {"units": units, "description": desc}
+    for key in ("problem", "model", "loss", "num_samples", "num_params", "dtype", "dataset", "seed",
+                "torch_version", "xarray_version", "curvlab_version", "methods", "created"):
+        assert key in ds.attrs, key
+    assert ds.attrs["num_params"] == prob.num_params
+    assert str(ds.rung.sel({"method": "kfac"}).values) == "kron"
+    assert str(ds.mode.sel({"method": "kfac"}).values) == "own"
+    assert str(ds.mode.sel({"method": "kfac-exact"}).values) == "exact"
+
+
+def test_values_are_consistent_with_the_comparators(ds, prob):
+    sel = lambda var, **kw: float(ds[var].sel(kw))  # noqa: E731
+    assert sel("cosine", method="ggn", reference="ggn", block="all") == pytest.approx(1.0)
+    assert sel("relative_error", method="ggn", reference="ggn", block="all") == 0.0
+    assert sel("energy_error", method="ggn", reference="ggn", damping=0.1) == pytest.approx(0.0, abs=1e-10)
+    assert sel("energy_error", method="hessian", reference="hessian", damping=0.1) == pytest.approx(0.0, abs=1e-10)
+    # exact diagonal blocks agree with the reference's on each block, not on the whole matrix
+    for b in prob.partition.names:
+        assert sel("relative_error", method="ggn-block", reference="ggn", block=b) == pytest.approx(0.0, abs=1e-12)
+    assert sel("relative_error", method="ggn-block", reference="ggn", block="all") > 0
+    G, K = cl.exact.ggn(prob), cl.approx.kfac(prob)
+    assert sel("cosine", method="kfac", reference="ggn", block="all") == pytest.approx(float(cc.cosine(K, G)))
+    # matrix-free methods have no matrix values, but do have directions
+    assert math.isnan(sel("cosine", method="sgd", reference="ggn", block="all"))
+    assert np.isnan(ds["eigenvalues"].sel({"method": "sgd"}).values).all()
+    assert sel("direction_cosine", method="sgd", versus="sgd", damping=0.1) == pytest.approx(1.0)
+    C = ds["direction_cosine"].sel({"damping": 0.01}).values
+    np.testing.assert_allclose(C, C.T, atol=1e-12)
+    eig = ds["eigenvalues"].sel({"method": "ggn"}).values
+    assert (np.diff(eig) <= 0).all()  # descending
+    np.testing.assert_allclose(eig, torch.flip(G.eigvalsh(), (0,)).numpy(), rtol=1e-9, atol=1e-12)
+    assert sel("negative_mass", method="ggn") == 0.0 and sel("negative_mass", method="hessian") > 0
+    ffrac = ds["factor_fraction_below"].sel({"method": "kfac", "damping": 0.1}).values
+    assert np.isfinite(ffrac[1:]).all() and np.isnan(ffrac[0]).all()  # per layer, not for 'all'
+    g = prob.gradient()
+    assert float(ds["gradient_norm"]) == pytest.approx(float(g.norm()))
+
+
+def test_netcdf_round_trip_is_lossless_and_atomic(ds, tmp_path):
+    path = cc.save(ds, tmp_path / "sub" / "report.nc")
+    assert path.exists() and os.listdir(path.parent) == ["report.nc"]  # no temp file left behind
+    back = cc.load(path)
+    xr.testing.assert_identical(ds, back)
+    cc.save(ds.isel(damping=[0]), path)  # overwrite in place
+    assert cc.load(path).sizes["damping"] == 1
+
+
+def test_failed_write_leaves_the_old_file(ds, tmp_path, monkeypatch):
+    path = cc.save(ds, tmp_path / "r.nc")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        cc.save(ds, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["r.nc"]
+
+
+def test_format_report(ds):
+    text = cc.format_report(ds)
+    for m in METHODS:
+        assert m in text
+    assert "Update directions at damping 0.1" in cc.format_report(ds, damping=0.1)
+    assert "Matrix agreement with hessian" in cc.format_report(ds, reference="hessian")
+
+
+def test_top_only_report_and_custom_methods(prob):
+    G = cl.exact.ggn(prob)
+    out = cc.report(prob, methods={"mine": 2.0 * G, "kfac": "kfac", "gd": lambda g, lam: -g}, damping=0.1,
+                    references=["ggn"], k=3, full_spectrum=False, step=0.5, damping_rule="exact")
+    assert "eig" not in out.dims and "eigenvalues" not in out
+    assert float(out["cosine"].sel({"method": "mine", "reference": "ggn", "block": "all"})) == pytest.approx(1.0)
+    assert float(out["alpha"].sel({"method": "gd", "damping": 0.1})) == 0.5
+    assert str(out.mode.sel({"method": "kfac"}).values) == "exact"
+
+
+def test_report_errors(prob):
+    with pytest.raises(ValueError, match="unknown method 'nope'; valid names: hessian"):
+        cc.report(prob, methods=["nope"])
+    with pytest.raises(ValueError, match="damping"):
+        cc.report(prob, methods=["ggn"], damping=[-1.0])
+    with pytest.raises(ValueError, match="not a matrix method"):
+        cc.report(prob, methods=["ggn"], references=["sgd"])
+    with pytest.raises(ValueError, match="damping_rule"):
+        cc.report(prob, methods=["ggn"], damping_rule="pi")
+
+
+def test_every_registered_method_builds(prob):
+    cache: dict = {}
+    g = prob.gradient()
+    for name in reg.names():
+        m = reg.build(name, prob, cache)
+        x = cc.direction_of(m, g, 10.0, reg.spec(name).mode)  # λ = 10: H + λI is positive definite (CG)
+        assert x.shape == g.shape and torch.isfinite(x).all(), name
+        if isinstance(m, CurvatureMatrix):
+            assert m.size == prob.num_params
+    # -block and -diag read off the full matrix give the oracle's numbers
+    torch.testing.assert_close(cache["ggn-block"].to_dense(), cl.exact.ggn(prob, structure="block").to_dense())
+    assert reg.canonical("Newton") == "hessian" and reg.canonical("empirical_fisher") == "ef"
+    assert cache["kfac-pi"] is cache["kfac"]
