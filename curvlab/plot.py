@@ -86,7 +86,8 @@ def direction_cosines(ds: xr.Dataset, damping: float | None = None) -> Figure:
     fig = Figure(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n), layout="constrained")
     ax = fig.subplots()
     annot_size = 9 if n <= 10 else 7.5
-    sns.heatmap(C.values, ax=ax, vmin=-1, vmax=1, center=0, cmap="RdBu_r", annot=True, fmt=".2f",
+    labels = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:.2f}".replace("-0.00", "0.00"))(C.values)
+    sns.heatmap(C.values, ax=ax, vmin=-1, vmax=1, center=0, cmap="RdBu_r", annot=labels, fmt="",
                 annot_kws={"size": annot_size}, xticklabels=names, yticklabels=names, square=True,
                 linewidths=0.5, linecolor="white", cbar_kws={"label": "cosine", "shrink": 0.7})
     ax.set_xticklabels(names, rotation=45, ha="right")
