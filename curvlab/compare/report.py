@@ -471,6 +471,9 @@ def save(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         ds.to_netcdf(tmp, engine="h5netcdf")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -77,6 +77,9 @@ def test_values_are_consistent_with_the_comparators(ds, prob):
 def test_netcdf_round_trip_is_lossless_and_atomic(ds, tmp_path):
     path = cc.save(ds, tmp_path / "sub" / "report.nc")
     assert path.exists() and os.listdir(path.parent) == ["report.nc"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
     back = cc.load(path)
     xr.testing.assert_identical(ds, back)
     cc.save(ds.isel(damping=[0]), path)  # overwrite in place
