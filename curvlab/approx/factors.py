@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from curvlab.capture import Capture, LayerIO, capture, supported_layers
 from curvlab.exact.outer import block_from_capture
@@ -132,7 +133,7 @@ class KronPiece:
         return self.io.g
 
     def input_factor(self, approx: str = "expand") -> Tensor:
-        """A (see the module docstring); a folded bias adds the row/column (mean a, 1) without copying a."""
+        """A (see the module docstring)."""
         a = self.io.a
         n, t, d = a.shape
         if not self.weight:  # the constant input 1
@@ -141,16 +142,9 @@ class KronPiece:
             a, rows = a.mean(dim=1), n
         else:
             a, rows = a.reshape(-1, d), n * t
-        aa = a.T @ a
-        if not self.bias:
-            return aa / rows
-        A = torch.empty(d + 1, d + 1, dtype=a.dtype, device=a.device)
-        A[:d, :d] = aa
-        s = a.sum(dim=0)
-        A[:d, d] = s
-        A[d, :d] = s
-        A[d, d] = rows
-        return A / rows
+        if self.bias:  # one copy, as reshaping a strided (convolution) input costs anyway
+            a = F.pad(a, (0, 1), value=1.0)
+        return torch.mm(a.T, a).div_(rows)
 
     def output_factor(self, approx: str = "expand") -> Tensor:
         """G (see the module docstring)."""
