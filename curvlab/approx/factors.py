@@ -171,6 +171,23 @@ class KronPiece:
             S += (V**2).sum(dim=(0, 1))
         return S
 
+    @property
+    def explicit_is_cheaper(self) -> bool:
+        """Per-sample gradients V_nk (T·p·q per row) cost less than T×T Gram matrices (T²·(p+q))."""
+        t = self.positions
+        p, q = self.d_out, self.d_in
+        return t > 1 and t * p * q <= t * t * (p + q)
+
+    def per_sample_gradients(self, s: int = 0, e: int | None = None) -> Tensor:
+        """V_nk = Σ_t g_nkt a_ntᵀ for samples s:e, shape (k, e − s, p, q) (bias column last when folded)."""
+        e = self.io.a.shape[0] if e is None else e
+        return torch.einsum("kntp,ntq->knpq", self.grads[:, s:e], self.inputs()[s:e])
+
+    def per_sample_chunks(self) -> list[tuple[int, int]]:
+        """Sample ranges whose per-sample gradients fit the chunk budget."""
+        k, n = self.grads.shape[:2]
+        return _chunks(n, k * self.d_out * self.d_in * self.io.a.element_size())
+
     def exact_trace(self) -> Tensor:
         """tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
         a, g = self.inputs(), self.grads
@@ -178,7 +195,11 @@ class KronPiece:
         if t == 1:
             return ((g[:, :, 0] ** 2).sum((0, 2)) * (a[:, 0] ** 2).sum(1)).sum()
         total = torch.zeros((), dtype=a.dtype, device=a.device)
-        for s, e in _chunks(n, (k + 1) * t * t * a.element_size()):
+        if self.explicit_is_cheaper:
+            for s, e in self.per_sample_chunks():
+                total = total + (self.per_sample_gradients(s, e) ** 2).sum()
+            return total
+        for s, e in _chunks(n, (k + 1) * t * t * a.element_size()):  # ‖Σ_t g_t a_tᵀ‖² via Gram matrices
             Ka = torch.einsum("ntq,nsq->nts", a[s:e], a[s:e])
             Kg = torch.einsum("kntp,knsp->knts", g[:, s:e], g[:, s:e])
             total = total + (Kg * Ka).sum()

@@ -7,12 +7,16 @@ matrices: ‖F − A ⊗ G‖_F = ‖R(F) − vec(G) vec(A)ᵀ‖_F. The best Kr
 given by the top singular pair σ, u, v of R(F): G ∝ mat(u), A ∝ mat(v), σ = ‖A‖_F‖G‖_F — the
 best any Kronecker method (KFAC, TKFAC, KFOC) can do for that block.
 
-R(F) is never formed. With per-sample gradients V_nk = g_nkᵀ a_n (g_nk: T×p, a_n: T×q),
+Without weight sharing R(F) is never formed. With per-sample gradients V_nk = g_nkᵀ a_n
+(g_nk: T×p, a_n: T×q),
 
     R(F) vec(X) = vec(Σ_nk g_nkᵀ (a_n X a_nᵀ) g_nk),    R(F)ᵀ vec(Y) = vec(Σ_nk a_nᵀ (g_nk Y g_nkᵀ) a_n),
 
 so each product costs O(N k T² (p + q)) (O(N k (p² + q²)) without weight sharing). The top pair is
-found by subspace iteration on R(F)ᵀR(F), started from KFAC's A (usually already close). The split
+found by subspace iteration on R(F)ᵀR(F), started from KFAC's A (usually already close). For a
+weight-sharing layer (T > 1) whose explicit per-sample gradients are cheaper than T×T Gram
+matrices and whose block fits 64 MiB, F is formed once from them (one GEMM) and the top pair comes
+from the eigendecomposition of the smaller of R Rᵀ (p²×p²) and RᵀR (q²×q²), without iterating. The split
 of σ between the factors is fixed so that tr A equals KFAC's tr A (the Kronecker product does not
 depend on it; π-damping neither).
 """
@@ -32,6 +36,8 @@ from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
 
 __all__ = ["kfoc", "rearranged_products"]
+
+_DENSE_BYTES = 64 * 2**20  # form a weight-sharing layer's block explicitly up to this size
 
 
 def rearranged_products(piece: KronPiece) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
@@ -69,8 +75,44 @@ def rearranged_products(piece: KronPiece) -> tuple[Callable[[Tensor], Tensor], C
     return R, Rt
 
 
+def _finish(v: Tensor, u: Tensor, info: dict) -> tuple[Tensor, Tensor, dict]:
+    """Symmetrise, fix the sign (positive traces), record σ = ‖u‖_F."""
+    v, u = 0.5 * (v + v.T), 0.5 * (u + u.T)
+    if float(u.diagonal().sum()) < 0:
+        u, v = -u, -v
+    info["sigma"] = float(torch.linalg.matrix_norm(u))
+    return v, u, info
+
+
+def _top_pair_dense(piece: KronPiece) -> tuple[Tensor, Tensor, dict]:
+    """Top singular pair from the explicit block F = Σ vec(V_nk)vec(V_nk)ᵀ, rearranged (weight sharing).
+
+    One GEMM over the per-sample gradients (as cheap as a single power iteration when T is large),
+    then the eigendecomposition of the smaller Gram matrix R Rᵀ (p²×p²) or RᵀR (q²×q²).
+    """
+    p, q = piece.d_out, piece.d_in
+    a = piece.io.a
+    F = torch.zeros(p * q, p * q, dtype=a.dtype, device=a.device)
+    for s, e in piece.per_sample_chunks():
+        X = piece.per_sample_gradients(s, e).reshape(-1, p * q)
+        F.addmm_(X.T, X)
+    R = F.reshape(p, q, p, q).permute(0, 2, 1, 3).reshape(p * p, q * q)
+    if p * p <= q * q:
+        w, U = torch.linalg.eigh(R @ R.T)
+        u = U[:, -1]
+        v = R.T @ u
+        v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(a.dtype).tiny)
+    else:
+        w, U = torch.linalg.eigh(R.T @ R)
+        v = U[:, -1]
+    u = R @ v
+    return _finish(v.reshape(q, q), u.reshape(p, p), {"method": "dense", "converged": True})
+
+
 def _top_pair(piece: KronPiece, A0: Tensor, tol: float, max_iter: int, seed: int = 0) -> tuple[Tensor, Tensor, dict]:
     """Top singular pair of R(F) by subspace iteration on RᵀR, started from A0."""
+    if piece.explicit_is_cheaper and piece.size**2 * A0.element_size() <= _DENSE_BYTES:
+        return _top_pair_dense(piece)
     R, Rt = rearranged_products(piece)
     q = A0.shape[0]
     r = min(4, q * q)
@@ -100,12 +142,8 @@ def _top_pair(piece: KronPiece, A0: Tensor, tol: float, max_iter: int, seed: int
             break
     v = 0.5 * (v + v.T)
     v = v / torch.linalg.matrix_norm(v)
-    u = R(v[None])[0]
-    u = 0.5 * (u + u.T)  # = σ mat(u₁), ‖u‖_F = σ
-    if float(u.diagonal().sum()) < 0:
-        u, v = -u, -v
-    info["sigma"] = float(torch.linalg.matrix_norm(u))
-    return v, u, info
+    info["method"] = "subspace iteration"
+    return _finish(v, R(v[None])[0], info)  # R v = σ mat(u₁), ‖R v‖_F = σ
 
 
 def kfoc(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 0, unsupported: str = "error",

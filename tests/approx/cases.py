@@ -56,6 +56,12 @@ def shared_expand(n: int = 6, t: int = 5, bias: bool = True, seed: int = 0) -> c
     return cl.Problem(model, nn.MSELoss(), _data(n, (t, 4), seed + 1), _data(n, (t, 2), seed + 2))
 
 
+def sequence(n: int = 6, t: int = 2, seed: int = 0) -> cl.Problem:
+    """A nonlinear per-position MLP on short sequences (N, T, 7) with wide layers: T² (p+q) < T p q."""
+    model = _init(nn.Sequential(nn.Linear(7, 8), nn.Tanh(), nn.Linear(8, 3)), seed)
+    return cl.Problem(model, nn.MSELoss(), _data(n, (t, 7), seed + 1), _data(n, (t, 3), seed + 2))
+
+
 class MeanOverPositions(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)

@@ -19,6 +19,7 @@ PROBLEMS = {
     "mlp-bce-nobias": lambda: cases.mlp(n=12, loss="bce", bias=False),
     "cnn": lambda: cases.cnn(n=5),
     "shared-reduce": lambda: cases.shared_reduce(),
+    "sequence": lambda: cases.sequence(),
 }
 
 
@@ -46,7 +47,7 @@ def built():
 
 
 CASES = [(p, f, a) for p in PROBLEMS for f in FISHERS for a in ("expand", "reduce")
-         if a == "expand" or p in ("cnn", "shared-reduce")]
+         if a == "expand" or p in ("cnn", "shared-reduce", "sequence")]
 
 
 @pytest.mark.parametrize("name,fisher,approx", CASES)
@@ -99,7 +100,7 @@ def kfoc_reference(D: torch.Tensor, K: Kron) -> torch.Tensor:
     return Kron(Vh[0].reshape(q, q), s[0] * U[:, 0].reshape(p, p), K.bias).to_dense()
 
 
-@pytest.mark.parametrize("name", ["mlp-ce", "cnn", "shared-reduce"])
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn", "shared-reduce", "sequence"])
 def test_kfoc_matches_dense_svd(built, name):
     b = built(name, "type2")
     for i, F in enumerate(b["F"].blocks):
