@@ -160,15 +160,13 @@ class KronPiece:
         Without weight sharing Q_Gᵀ V_nk Q_A = (Q_Gᵀ g_nk)(Q_Aᵀ a_n)ᵀ and S* is one product of the
         squared projections; with T > 1 the per-sample gradients are formed in chunks of samples.
         """
-        a = self.inputs() @ Q_A  # (N, T, q)
-        g = self.grads @ Q_G  # (k, N, T, p)
-        k, n, t, p = g.shape
-        if t == 1:
-            return (g[:, :, 0] ** 2).sum(0).T @ (a[:, 0] ** 2)
-        S = torch.zeros(p, a.shape[-1], dtype=a.dtype, device=a.device)
-        for s, e in _chunks(n, k * p * a.shape[-1] * a.element_size()):
-            V = torch.einsum("kntp,ntq->knpq", g[:, s:e], a[s:e])
-            S += (V**2).sum(dim=(0, 1))
+        if self.positions == 1:
+            a = self.inputs()[:, 0] @ Q_A  # (N, q)
+            g = self.grads[:, :, 0] @ Q_G  # (k, N, p)
+            return (g**2).sum(0).T @ (a**2)
+        S = torch.zeros(self.d_out, self.d_in, dtype=Q_A.dtype, device=Q_A.device)
+        for s, e in self.per_sample_chunks():
+            S += (self.per_sample_gradients(s, e, Q_A, Q_G) ** 2).sum(dim=(0, 1))
         return S
 
     @property
@@ -178,10 +176,19 @@ class KronPiece:
         p, q = self.d_out, self.d_in
         return t > 1 and t * p * q <= t * t * (p + q)
 
-    def per_sample_gradients(self, s: int = 0, e: int | None = None) -> Tensor:
-        """V_nk = Σ_t g_nkt a_ntᵀ for samples s:e, shape (k, e − s, p, q) (bias column last when folded)."""
+    def per_sample_gradients(self, s: int = 0, e: int | None = None, Q_A: Tensor | None = None,
+                             Q_G: Tensor | None = None) -> Tensor:
+        """V_nk = Σ_t g_nkt a_ntᵀ for samples s:e, shape (k, e − s, p, q) (bias column last when folded).
+
+        With bases Q_A, Q_G: Q_Gᵀ V_nk Q_A, projecting a and g before the contraction.
+        """
         e = self.io.a.shape[0] if e is None else e
-        return torch.einsum("kntp,ntq->knpq", self.grads[:, s:e], self.inputs()[s:e])
+        a, g = self.inputs()[s:e], self.grads[:, s:e]
+        if Q_A is not None:
+            a = a @ Q_A
+        if Q_G is not None:
+            g = g @ Q_G
+        return torch.einsum("kntp,ntq->knpq", g, a)
 
     def per_sample_chunks(self) -> list[tuple[int, int]]:
         """Sample ranges whose per-sample gradients fit the chunk budget."""
