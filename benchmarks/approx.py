@@ -29,6 +29,7 @@ EKFAC no slower than 9.3 ms (nngeometry, the fastest peer). The script prints wh
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -105,12 +106,13 @@ def curvlinops_methods(prob) -> dict[str, Callable[[], object]]:
     from curvlinops import EKFACLinearOperator, KFACLinearOperator
     from curvlinops.kfac import FisherType
 
-    params = [p for p in prob.model.parameters() if p.requires_grad]
+    model = copy.deepcopy(prob.model)  # a failing peer may leave hooks behind: keep them off curvlab's model
+    params = [p for p in model.parameters() if p.requires_grad]
     data = [(prob.X, prob.y)]
 
     def kfac(fisher_type) -> Callable[[], object]:
         def build() -> object:
-            K = KFACLinearOperator(prob.model, prob.loss_fn, params, data, fisher_type=fisher_type,
+            K = KFACLinearOperator(model, prob.loss_fn, params, data, fisher_type=fisher_type,
                                    check_deterministic=False, num_data=prob.num_samples,
                                    separate_weight_and_bias=False)
             K.compute_kronecker_factors()
@@ -118,7 +120,7 @@ def curvlinops_methods(prob) -> dict[str, Callable[[], object]]:
         return build
 
     def ekfac() -> object:
-        E = EKFACLinearOperator(prob.model, prob.loss_fn, params, data, fisher_type=FisherType.TYPE2,
+        E = EKFACLinearOperator(model, prob.loss_fn, params, data, fisher_type=FisherType.TYPE2,
                                 check_deterministic=False, num_data=prob.num_samples,
                                 separate_weight_and_bias=False)
         E._maybe_compute_ekfac()  # factors, eigenvectors and eigenvalue correction
