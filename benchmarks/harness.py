@@ -4,8 +4,9 @@ Conventions (the same as ``shared/reference/peer-benchmarks.md`` so figures comp
 * every figure is the median of ``repeats`` timed runs after one warm-up run;
 * the unit is one plain gradient of the whole batch (median of 50);
 * the machine's floor is a flop count divided by the float matmul rate measured in the same run;
-* peak extra memory is VmHWM − VmRSS around the warm-up run (the result included), measured by
-  resetting the high-water mark through /proc/self/clear_refs;
+* peak extra memory is VmHWM − VmRSS around one run (the result included), measured by resetting
+  the high-water mark through /proc/self/clear_refs; benchmarks warm every method up once first,
+  so that one-time allocations of the process are charged to none of them;
 * glibc keeps freed memory for reuse (``MALLOC_MMAP_MAX_=0``, large ``MALLOC_TRIM_THRESHOLD_``),
   set by :func:`reexec_with_heap_reuse` before torch allocates anything.
 """
@@ -79,10 +80,11 @@ def gradient_time(prob) -> float:
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
-    """Measured flop/s of a square matmul in ``dtype`` on this machine (best of 5)."""
+    """Measured flop/s of a square matmul in ``dtype`` on this machine (best of 10 after warm-up)."""
     A = torch.randn(n, n, dtype=dtype)
-    A @ A
-    best = min(median_time(lambda: A @ A, 1) for _ in range(5))
+    for _ in range(3):
+        A @ A
+    best = min(median_time(lambda: A @ A, 1) for _ in range(10))
     return 2 * n**3 / best
 
 

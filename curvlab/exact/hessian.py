@@ -19,6 +19,7 @@ from torch.func import grad, jvp, vmap
 
 from curvlab import memory
 from curvlab.exact.hessian_layers import LayerCurvature, layer_curvature, pair_block, single_use_linear_layers
+from curvlab.exact.outer import symmetrize_
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Problem
 
@@ -106,8 +107,9 @@ def _scatter(out: Tensor, T: Tensor, r: _Layout, c: _Layout, offset: int = 0) ->
     T4 = T.view(r.o, r.i + r.bias, c.o, c.i + c.bias)
     for rsel, rrange in r.parts():
         for csel, crange in c.parts():
-            out[rrange.start - offset:rrange.stop - offset, crange.start - offset:crange.stop - offset] = (
-                T4[:, rsel, :, csel].reshape(rrange.stop - rrange.start, crange.stop - crange.start))
+            dst = out[rrange.start - offset:rrange.stop - offset, crange.start - offset:crange.stop - offset]
+            src = T4[:, rsel, :, csel]
+            dst.view(src.shape).copy_(src)  # a strided view of the block: no temporary
 
 
 def _structured(prob: Problem, theta: Tensor) -> tuple[LayerCurvature | None, dict[str, _Layout]]:
@@ -128,9 +130,11 @@ def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None 
     for a, l in enumerate(names):
         for m in names[a:]:
             T = pair_block(lc, l, m)
-            if l == m:  # exactly symmetric, not just up to rounding
-                T.add_(T.T.clone()).mul_(0.5)
             _scatter(H, T, lay[l], lay[m])
+            del T
+            if l == m:  # exactly symmetric, not just up to rounding
+                L = lay[l]
+                symmetrize_(H[L.start:L.stop, L.start:L.stop])
             if l != m:  # the transposed block, copied from θ layout (no second gather)
                 L, M = lay[l], lay[m]
                 H[M.start:M.stop, L.start:L.stop] = H[L.start:L.stop, M.start:M.stop].T
@@ -144,7 +148,7 @@ def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None 
             H[:, pos] = cols
             H[pos, :] = cols.T
         Hr = H[rest[:, None], rest[None, :]]
-        H[rest[:, None], rest[None, :]] = 0.5 * (Hr + Hr.T)
+        H[rest[:, None], rest[None, :]] = symmetrize_(Hr)
     return Dense(H)
 
 
@@ -176,7 +180,7 @@ def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None 
         else:
             for j0, j1, cols in _columns(prob, theta, b.slice, chunk or default_chunk(prob)):
                 Hb[:, j0:j1] = cols
-        blocks.append(Dense(0.5 * (Hb + Hb.T)))
+        blocks.append(Dense(symmetrize_(Hb)))
     return BlockDiagonal(blocks, prob.partition.names)
 
 

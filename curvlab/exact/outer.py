@@ -22,9 +22,23 @@ from curvlab.capture import Capture, GenericRows, LayerIO
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Partition
 
-__all__ = ["dense_from_capture", "block_from_capture", "diag_from_capture"]
+__all__ = ["dense_from_capture", "block_from_capture", "diag_from_capture", "symmetrize_"]
 
 _CHUNK_BYTES = 8 * 2**20
+
+
+def symmetrize_(M: Tensor, tile: int = 512) -> Tensor:
+    """M ← (M + Mᵀ)/2 in place, tile by tile (temporaries of one tile, not of M)."""
+    n = M.shape[0]
+    for r in range(0, n, tile):
+        D = M[r:r + tile, r:r + tile]
+        D.copy_(0.5 * (D + D.T))
+        for c in range(r + tile, n, tile):
+            U, L = M[r:r + tile, c:c + tile], M[c:c + tile, r:r + tile]
+            avg = 0.5 * (U + L.T)
+            U.copy_(avg)
+            L.copy_(avg.T)
+    return M
 
 
 def _is_kron(p: LayerIO | GenericRows) -> bool:
@@ -35,23 +49,23 @@ def _rows(p: LayerIO | GenericRows) -> Tensor:
     return p.rows if isinstance(p, GenericRows) else p.jacobian_rows()
 
 
-def _kron_sum(M: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Σ_n M_n ⊗ (a_n b_nᵀ) with rows (o, i) and columns (p, j): M (N,o,p), a (N,i), b (N,j).
+def _kron_sum_into(out: Tensor, M: Tensor, a: Tensor, b: Tensor) -> None:
+    """out[(o, i), (p, j)] = Σ_n M_n[o, p] a_n[i] b_n[j]: M (N,o,p), a (N,i), b (N,j).
 
-    The left factor W[(o, i, p), n] = M_n[o, p] a_n[i] is formed with the samples innermost, so
-    that W @ b is one row-major GEMM with inner dimension N whose output already has the layout
-    (o, i),(p, j); it is formed in chunks of output rows to bound memory.
+    One GEMM T[(o, p), (i, j)] = M̃ (a ⊙ b) with inner dimension N — rows o·p, columns i·j, both
+    operands row-major, and only the N×(i·j) products a_n ⊗ b_n formed — then one permuted copy
+    into ``out`` (a strided view of the result matrix), in chunks of rows to bound memory.
     """
     n, o, p = M.shape
     i, j = a.shape[1], b.shape[1]
-    out = torch.empty(o * i * p, j, dtype=M.dtype, device=M.device)
-    Mt, at = M.permute(1, 2, 0).contiguous(), a.T.contiguous()  # (o, p, N), (i, N)
-    step = max(1, _CHUNK_BYTES // max(1, n * i * p * M.element_size()))
+    AB = (a[:, :, None] * b[:, None, :]).reshape(n, i * j)
+    Mt = M.permute(1, 2, 0).reshape(o * p, n)  # small: N·o·p
+    out4 = out.view(o, i, p, j)
+    step = max(1, _CHUNK_BYTES // max(1, p * i * j * M.element_size()))
     for s in range(0, o, step):
         e = min(o, s + step)
-        W = Mt[s:e, None, :, :] * at[None, :, None, :]  # (o-chunk, i, p, N), contiguous
-        torch.matmul(W.reshape(-1, n), b, out=out[s * i * p:e * i * p])
-    return out.view(o * i, p * j)
+        T = Mt[s * p:e * p] @ AB  # ((o-chunk, p), (i, j))
+        out4[s:e].copy_(T.view(e - s, p, i, j).permute(0, 2, 1, 3))
 
 
 #: up to this many cotangents per sample, C_pq = V_pᵀ V_q with explicit rows (one GEMM with inner
@@ -69,7 +83,7 @@ def _layer_pair(p: LayerIO, q: LayerIO, out: Tensor) -> None:
     ap, aq = p.a[:, 0], q.a[:, 0]  # (N, i)
     M = torch.einsum("kno,knp->nop", gp, gq)
     wp, wq = p.d_out * p.d_in, q.d_out * q.d_in
-    out[:wp, :wq] = _kron_sum(M, ap, aq)
+    _kron_sum_into(out[:wp, :wq], M, ap, aq)
     if q.has_bias:  # Σ_n M_n ⊗ a_n,p  (bias of q has input 1)
         out[:wp, wq:] = torch.einsum("nop,ni->oip", M, ap).reshape(wp, q.d_out)
     if p.has_bias:
@@ -110,7 +124,7 @@ def _fill(pieces: list, out: Tensor, offset: int) -> None:
             block = out[p.start - offset:p.stop - offset, q.start - offset:q.stop - offset]
             _pair(p, q, block)
             if q is p:  # exactly symmetric, not just up to rounding
-                block.add_(block.T.clone()).mul_(0.5)
+                symmetrize_(block)
             else:
                 out[q.start - offset:q.stop - offset, p.start - offset:p.stop - offset] = block.T
 
