@@ -58,6 +58,59 @@ def materialise(make_op, P, dtype, chunk=64):
     return out
 
 
+def bench_problem(prob, name: str, args, rate: float, dtype) -> None:
+    """Time, memory and agreement of the three dense quantities on one problem; print the table."""
+    import curvlab as cl
+    from curvlab import reference
+
+    P, N = prob.num_params, prob.num_samples
+    unit = gradient_time(prob)
+    floor = 2 * N * P**2 / rate
+    result_bytes = P * P * prob.theta.element_size()
+    print(f"## {name}: P = {P}, N = {N}, one gradient {unit * 1e3:.2f} ms, floor 2NP²/rate "
+          f"{fmt_seconds(floor)}, result {fmt_bytes(result_bytes)}")
+    ours = {
+        "hessian": lambda: cl.exact.hessian(prob).to_dense(),
+        "ggn": lambda: cl.exact.ggn(prob).to_dense(),
+        "ef": lambda: cl.exact.empirical_fisher(prob).to_dense(),
+    }
+    naive = {
+        "hessian": ("torch.func.hessian", lambda: reference.hessian_func(prob)),
+        "ggn": ("vmap(jacrev) J^T Λ J", lambda: reference.ggn(prob)),
+        "ef": ("vmap(grad) G^T G", lambda: reference.empirical_fisher(prob)),
+    }
+    peers = None if args.no_peers else curvlinops_ops(prob)
+    rows = []
+    for fn in ours.values():  # one warm-up each: one-time allocations of the process are charged to none
+        fn()
+    for q, fn in ours.items():
+        ref, mem = peak_extra_memory(fn)
+        t = median_time(fn, args.repeats)
+        rows.append([q, "curvlab", fmt_seconds(t), f"{t / unit:,.0f}x", f"{t / floor:.1f}x",
+                     f"{mem / result_bytes:.1f}x", "-", "1.0x"])
+        ours_t = t
+        candidates = []
+        if not args.no_naive:
+            candidates.append(naive[q])
+        if peers is not None:
+            candidates.append((f"curvlinops {q} @ I (64 cols)", lambda q=q: materialise(peers[q], P, dtype)))
+        for label, other in candidates:
+            try:
+                M, mem = peak_extra_memory(other)
+                t = median_time(other, 1 if t > 2 else args.repeats)
+            except (RuntimeError, MemoryError) as exc:  # e.g. out of memory
+                rows.append([q, label, f"failed: {type(exc).__name__}", "", "", "", "", ""])
+                continue
+            agree = float((M - ref).abs().max() / ref.abs().max())
+            rows.append([q, label, fmt_seconds(t), f"{t / unit:,.0f}x", f"{t / floor:.1f}x",
+                         f"{mem / result_bytes:.1f}x", f"{agree:.1e}", f"{t / ours_t:.1f}x"])
+    if peers is None and not args.no_peers:
+        print("(curvlinops not installed: peers skipped)")
+    print(table(rows, ["quantity", "method", "time", "gradients", "floor", "peak mem / result",
+                       "max rel diff", "slower than curvlab"]))
+    print()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="digits-mlp")
@@ -73,7 +126,6 @@ def main(argv=None) -> None:
     import torch
 
     import curvlab as cl
-    from curvlab import reference
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -81,53 +133,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, matmul {rate / 1e9:.1f} GFLOP/s, "
           f"allocator: glibc heap reuse (MALLOC_MMAP_MAX_=0)\n")
     for name in args.problems.split(","):
-        prob = cl.problems.load(name, n=args.n, dtype=dtype)
-        P, N = prob.num_params, prob.num_samples
-        unit = gradient_time(prob)
-        floor = 2 * N * P**2 / rate
-        result_bytes = P * P * prob.theta.element_size()
-        print(f"## {name}: P = {P}, N = {N}, one gradient {unit * 1e3:.2f} ms, floor 2NP²/rate "
-              f"{fmt_seconds(floor)}, result {fmt_bytes(result_bytes)}")
-        ours = {
-            "hessian": lambda: cl.exact.hessian(prob).to_dense(),
-            "ggn": lambda: cl.exact.ggn(prob).to_dense(),
-            "ef": lambda: cl.exact.empirical_fisher(prob).to_dense(),
-        }
-        naive = {
-            "hessian": ("torch.func.hessian", lambda: reference.hessian_func(prob)),
-            "ggn": ("vmap(jacrev) J^T Λ J", lambda: reference.ggn(prob)),
-            "ef": ("vmap(grad) G^T G", lambda: reference.empirical_fisher(prob)),
-        }
-        peers = None if args.no_peers else curvlinops_ops(prob)
-        rows = []
-        for fn in ours.values():  # one warm-up each: one-time allocations of the process are charged to none
-            fn()
-        for q, fn in ours.items():
-            ref, mem = peak_extra_memory(fn)
-            t = median_time(fn, args.repeats)
-            rows.append([q, "curvlab", fmt_seconds(t), f"{t / unit:,.0f}x", f"{t / floor:.1f}x",
-                         f"{mem / result_bytes:.1f}x", "-", "1.0x"])
-            ours_t = t
-            candidates = []
-            if not args.no_naive:
-                candidates.append(naive[q])
-            if peers is not None:
-                candidates.append((f"curvlinops {q} @ I (64 cols)", lambda q=q: materialise(peers[q], P, dtype)))
-            for label, other in candidates:
-                try:
-                    M, mem = peak_extra_memory(other)
-                    t = median_time(other, 1 if t > 2 else args.repeats)
-                except (RuntimeError, MemoryError) as exc:  # e.g. out of memory
-                    rows.append([q, label, f"failed: {type(exc).__name__}", "", "", "", "", ""])
-                    continue
-                agree = float((M - ref).abs().max() / ref.abs().max())
-                rows.append([q, label, fmt_seconds(t), f"{t / unit:,.0f}x", f"{t / floor:.1f}x",
-                             f"{mem / result_bytes:.1f}x", f"{agree:.1e}", f"{t / ours_t:.1f}x"])
-        if peers is None and not args.no_peers:
-            print("(curvlinops not installed: peers skipped)")
-        print(table(rows, ["quantity", "method", "time", "gradients", "floor", "peak mem / result",
-                           "max rel diff", "slower than curvlab"]))
-        print()
+        bench_problem(cl.problems.load(name, n=args.n, dtype=dtype), name, args, rate, dtype)
 
 
 if __name__ == "__main__":
