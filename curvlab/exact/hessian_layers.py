@@ -157,13 +157,13 @@ def pair_block(lc: LayerCurvature, l: str, m: str) -> Tensor:
     al, am, Xi = lc.abar(l), lc.abar(m), lc.Xi(l, m)
     N, o, p = Xi.shape
     i, q = al.shape[1], am.shape[1]
-    AB = (al[:, :, None] * am[:, None, :]).reshape(N, i * q)
     Xt = Xi.permute(1, 2, 0).reshape(o * p, N)
     out = torch.empty(o, i, p, q, dtype=Xi.dtype, device=Xi.device)
-    step = max(1, _CHUNK_BYTES // max(1, p * i * q * Xi.element_size()))
-    for s in range(0, o, step):  # row chunks keep the un-permuted product small
-        e = min(o, s + step)
-        out[s:e] = (Xt[s * p:e * p] @ AB).view(e - s, p, i, q).permute(0, 2, 1, 3)
+    step = max(1, _CHUNK_BYTES // max(1, max(N, o * p) * q * Xi.element_size()))
+    for s in range(0, i, step):  # chunks of the input dimension keep a ⊙ a and the product small
+        e = min(i, s + step)
+        AB = (al[:, s:e, None] * am[:, None, :]).reshape(N, -1)
+        out[:, s:e] = (Xt @ AB).view(o, p, e - s, q).permute(0, 2, 1, 3)
     if Psi_lm is not None:
         dt = lc.delta[l].T.contiguous()  # (o, N)
         out4 = out.view(o, i, p * q)

@@ -54,18 +54,18 @@ def _kron_sum_into(out: Tensor, M: Tensor, a: Tensor, b: Tensor) -> None:
 
     One GEMM T[(o, p), (i, j)] = M̃ (a ⊙ b) with inner dimension N — rows o·p, columns i·j, both
     operands row-major, and only the N×(i·j) products a_n ⊗ b_n formed — then one permuted copy
-    into ``out`` (a strided view of the result matrix), in chunks of rows to bound memory.
+    into ``out`` (a strided view of the result matrix); chunked over i to bound memory.
     """
     n, o, p = M.shape
     i, j = a.shape[1], b.shape[1]
-    AB = (a[:, :, None] * b[:, None, :]).reshape(n, i * j)
     Mt = M.permute(1, 2, 0).reshape(o * p, n)  # small: N·o·p
     out4 = out.view(o, i, p, j)
-    step = max(1, _CHUNK_BYTES // max(1, p * i * j * M.element_size()))
-    for s in range(0, o, step):
-        e = min(o, s + step)
-        T = Mt[s * p:e * p] @ AB  # ((o-chunk, p), (i, j))
-        out4[s:e].copy_(T.view(e - s, p, i, j).permute(0, 2, 1, 3))
+    step = max(1, _CHUNK_BYTES // max(1, max(n, o * p) * j * M.element_size()))
+    for s in range(0, i, step):
+        e = min(i, s + step)
+        AB = (a[:, s:e, None] * b[:, None, :]).reshape(n, -1)
+        T = Mt @ AB  # ((o, p), (i-chunk, j))
+        out4[:, s:e].copy_(T.view(o, p, e - s, j).permute(0, 2, 1, 3))
 
 
 #: up to this many cotangents per sample, C_pq = V_pᵀ V_q with explicit rows (one GEMM with inner
