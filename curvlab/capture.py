@@ -34,7 +34,8 @@ from torch.nn import functional as F
 
 from curvlab.problem import Problem
 
-__all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows"]
+__all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
+           "output_cotangents", "sampled_output_grads"]
 
 
 @dataclass
@@ -113,6 +114,44 @@ class Capture:
     pieces: list[LayerIO | GenericRows]
     output: Tensor
     num_samples: int
+
+
+#: the Fisher types, by their output cotangents (see :func:`output_cotangents`)
+FISHER_TYPES = ("type2", "mc", "empirical")
+
+
+def sampled_output_grads(prob: Problem, f: Tensor, samples: int, seed: int) -> Tensor:
+    """∇_f ℓ_n at ``samples`` labels drawn from the model's predictive, shape (samples, N, *out).
+
+    Draws come from a ``torch.Generator`` seeded with ``seed``: the oracle's ``fisher_mc`` and
+    KFAC's ``fisher="mc"`` with the same seed see the same labels.
+    """
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be a positive integer; got {samples!r}")
+    gen = torch.Generator(device=f.device)
+    gen.manual_seed(int(seed))
+    return prob.likelihood.sampled_grad_output(f, samples, gen)
+
+
+def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """f ↦ the output cotangents u (k, N, *out) of a Fisher type, scaled so that
+    Σ_n Σ_k (J_nᵀu_nk)(J_nᵀu_nk)ᵀ is exactly the oracle's matrix:
+
+    * ``"type2"``: √R × the columns of a symmetric factor of ∇²_f ℓ_n (k = outputs) → ``ggn``
+    * ``"mc"``: √(R/S) × ∇_f ℓ_n(ŷ_s), S labels ŷ_s from the model (k = S) → ``fisher_mc``
+    * ``"empirical"``: √R × ∇_f ℓ_n(y_n) at the data labels (k = 1) → ``empirical_fisher``
+    """
+    R = prob.loss_scale
+    lik = prob.likelihood
+    if fisher == "type2":
+        return lambda f: R**0.5 * lik.hessian_sqrt(f)
+    if fisher == "mc":
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be a positive integer; got {samples!r}")
+        return lambda f: (R / samples) ** 0.5 * sampled_output_grads(prob, f, samples, seed)
+    if fisher == "empirical":
+        return lambda f: R**0.5 * lik.grad_output(f, prob.y)[None]
+    raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
 
 
 def _linear_io(module: nn.Linear, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,43 +36,24 @@ weight and bias sit in the same partition block).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from curvlab.capture import Capture, LayerIO, capture, supported_layers
+from curvlab.capture import FISHER_TYPES, Capture, LayerIO, capture, output_cotangents, supported_layers
 from curvlab.exact.outer import block_from_capture
-from curvlab.exact.products import sampled_output_grads
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Block, Partition, Problem
 
 __all__ = ["FISHER_TYPES", "APPROXIMATIONS", "UNSUPPORTED", "KronPiece", "BlockPlan", "Collection",
-           "collect", "cotangent_function"]
+           "collect"]
 
-FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
 UNSUPPORTED = ("error", "exact")
 
 _CHUNK_BYTES = 32 * 2**20
-
-
-def cotangent_function(prob: Problem, fisher: str, mc_samples: int = 1,
-                       seed: int = 0) -> Callable[[Tensor], Tensor]:
-    """The output cotangents u (k, N, *out) of a Fisher type, scaled by √R (see the module docstring)."""
-    R = prob.loss_scale
-    lik = prob.likelihood
-    if fisher == "type2":
-        return lambda f: R**0.5 * lik.hessian_sqrt(f)
-    if fisher == "mc":
-        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
-        return lambda f: (R / mc_samples) ** 0.5 * sampled_output_grads(prob, f, mc_samples, seed)
-    if fisher == "empirical":
-        return lambda f: R**0.5 * lik.grad_output(f, prob.y)[None]
-    raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
 
 
 @dataclass
@@ -282,7 +263,9 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
         def cot(f: Tensor) -> Tensor:
             return f.new_zeros((0, *f.shape))
     else:
-        cot = cotangent_function(prob, fisher, mc_samples, seed)
+        if fisher == "mc" and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
+        cot = output_cotangents(prob, fisher, mc_samples, seed)
 
     layers = supported_layers(prob)
     pre_covered: set[str] = set()

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from curvlab.capture import capture
+from curvlab.capture import capture, output_cotangents
 from curvlab.exact import hessian as _hessian
 from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_from_capture
-from curvlab.exact.products import operator, sampled_output_grads
+from curvlab.exact.products import operator
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
@@ -62,8 +62,7 @@ def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> 
     _check(prob, structure)
     if structure == "operator":
         return operator(prob, "ggn", theta)
-    root = prob.loss_scale**0.5
-    return _from_cotangents(prob, structure, lambda f: root * prob.likelihood.hessian_sqrt(f), theta)
+    return _from_cotangents(prob, structure, output_cotangents(prob, "type2"), theta)
 
 
 def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: int = 0,
@@ -77,8 +76,7 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: in
         raise ValueError(f"samples must be a positive integer; got {samples!r}")
     if structure == "operator":
         return operator(prob, "fisher_mc", theta, samples=samples, seed=seed)
-    scale = (prob.loss_scale / samples) ** 0.5
-    return _from_cotangents(prob, structure, lambda f: scale * sampled_output_grads(prob, f, samples, seed), theta)
+    return _from_cotangents(prob, structure, output_cotangents(prob, "mc", samples, seed), theta)
 
 
 def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
@@ -86,8 +84,7 @@ def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | Non
     _check(prob, structure)
     if structure == "operator":
         return operator(prob, "empirical_fisher", theta)
-    root = prob.loss_scale**0.5
-    return _from_cotangents(prob, structure, lambda f: root * prob.likelihood.grad_output(f, prob.y)[None], theta)
+    return _from_cotangents(prob, structure, output_cotangents(prob, "empirical"), theta)
 
 
 def get(kind: str) -> Callable[..., CurvatureMatrix]:

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from curvlab.capture import sampled_output_grads
 from curvlab.linalg import MatrixFree
 from curvlab.linalg.base import as_vectors
 from curvlab.problem import Problem
 
-__all__ = ["hvp", "ggn_vp", "ef_vp", "fisher_mc_vp", "operator", "sampled_output_grads"]
+__all__ = ["hvp", "ggn_vp", "ef_vp", "fisher_mc_vp", "operator"]
 
 
 def _batched(fn: Callable[[Tensor], Tensor], prob: Problem, V: Tensor) -> Tensor:
@@ -48,15 +49,6 @@ def _output_space_fn(prob: Problem, theta: Tensor,
         return R * pullback(apply(f, Jv))[0]
 
     return mv
-
-
-def sampled_output_grads(prob: Problem, f: Tensor, samples: int, seed: int) -> Tensor:
-    """∇_f ℓ_n at ``samples`` labels drawn from the model's predictive, shape (samples, N, *out)."""
-    if samples < 1:
-        raise ValueError(f"samples must be a positive integer; got {samples}")
-    gen = torch.Generator(device=f.device)
-    gen.manual_seed(int(seed))
-    return prob.likelihood.sampled_grad_output(f, samples, gen)
 
 
 def _apply_cotangents(U: Tensor) -> Callable[[Tensor, Tensor], Tensor]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvlab as cl
-from curvlab.approx.factors import cotangent_function
+from curvlab.capture import output_cotangents
 from curvlab.linalg import Kron
 from tests.approx.cases import exact_of, rel
 
@@ -62,7 +62,7 @@ def explicit(prob: cl.Problem, fisher: str):
         h = act(z.transpose(1, 2).reshape(x.shape[0], conv.out_channels, Hh, -1))
     f = m.fc(h.flatten(1))
     assert rel(f.detach(), prob.output()) < 1e-12
-    U = cotangent_function(prob, fisher, mc_samples=2, seed=5)(f.detach())
+    U = output_cotangents(prob, fisher, samples=2, seed=5)(f.detach())
     gs = [[] for _ in zs]
     for k in range(U.shape[0]):
         grads = torch.autograd.grad(f, zs, grad_outputs=U[k], retain_graph=True)
