@@ -267,8 +267,8 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     try:
         with torch.enable_grad():
             params = {k: v.detach() for k, v in prob.params(theta).items()}
-            # the layer outputs need a graph back to nothing trainable: make them differentiable
-            # w.r.t. the output through the hooks' recorded tensors only
+            # only the structured layers' weights require grad: that puts their outputs z on the
+            # autograd graph, and the backward pass below differentiates w.r.t. those z alone
             for name in layers:
                 w = (name + "." if name else "") + "weight"
                 params[w] = params[w].requires_grad_(True)
