@@ -68,6 +68,31 @@ def _kron_sum_into(out: Tensor, M: Tensor, a: Tensor, b: Tensor) -> None:
         out4[:, s:e].copy_(T.view(o, p, e - s, j).permute(0, 2, 1, 3))
 
 
+def _kron_sum_symmetric_into(out: Tensor, M: Tensor, a: Tensor) -> None:
+    """out[(o, i), (p, j)] = Σ_n M_n[o, p] a_n[i] a_n[j] for symmetric M_n: half the work.
+
+    The block is symmetric under (o, i) ↔ (p, j), so only the rows (o, p) with o ≤ p of the GEMM
+    of :func:`_kron_sum_into` are computed; each is written to (o, ·, p, ·) and, transposed, to
+    (p, ·, o, ·). The o = p rows are averaged with their transposes, so the result is exactly
+    symmetric (no separate symmetrisation pass).
+    """
+    n, o, _ = M.shape
+    i = a.shape[1]
+    r, c = torch.triu_indices(o, o, device=M.device)
+    Mt = M[:, r, c].T.contiguous()  # (rows o ≤ p, N)
+    out4 = out.view(o, i, o, i)
+    step = max(1, _CHUNK_BYTES // max(1, max(n, len(r)) * i * M.element_size()))
+    for s in range(0, i, step):
+        e = min(i, s + step)
+        AA = (a[:, s:e, None] * a[:, None, :]).reshape(n, -1)
+        T = (Mt @ AA).view(-1, e - s, i)  # (rows, i-chunk, i)
+        out4[r, s:e, c, :] = T  # advanced indices first: (rows, i-chunk, i)
+        out4[c, :, r, s:e] = T.transpose(1, 2)
+    diag = torch.arange(o, device=M.device)
+    D = out4[diag, :, diag, :]  # (o, i, i): the o = p sub-blocks
+    out4[diag, :, diag, :] = 0.5 * (D + D.transpose(1, 2))
+
+
 #: up to this many cotangents per sample, C_pq = V_pᵀ V_q with explicit rows (one GEMM with inner
 #: dimension k·N at full efficiency, 2·N·k·P_p·P_q flops) beats the M_n contraction
 _ROWS_UP_TO = 2
@@ -78,18 +103,27 @@ def _layer_pair(p: LayerIO, q: LayerIO, out: Tensor) -> None:
     if p.g.shape[0] <= _ROWS_UP_TO:
         Rp, Rq = p.jacobian_rows(), q.jacobian_rows()
         torch.matmul(Rp.reshape(-1, Rp.shape[2]).T, Rq.reshape(-1, Rq.shape[2]), out=out)
+        if p is q:
+            symmetrize_(out)
         return
     gp, gq = p.g[:, :, 0], q.g[:, :, 0]  # (k, N, o)
     ap, aq = p.a[:, 0], q.a[:, 0]  # (N, i)
     M = torch.einsum("kno,knp->nop", gp, gq)
     wp, wq = p.d_out * p.d_in, q.d_out * q.d_in
-    _kron_sum_into(out[:wp, :wq], M, ap, aq)
+    if p is q:  # a diagonal block: symmetric, computed by halves and exactly symmetric
+        _kron_sum_symmetric_into(out[:wp, :wq], M, ap)
+    else:
+        _kron_sum_into(out[:wp, :wq], M, ap, aq)
     if q.has_bias:  # Σ_n M_n ⊗ a_n,p  (bias of q has input 1)
         out[:wp, wq:] = torch.einsum("nop,ni->oip", M, ap).reshape(wp, q.d_out)
     if p.has_bias:
-        out[wp:, :wq] = torch.einsum("nop,nj->opj", M, aq).reshape(p.d_out, wq)
+        if p is q:
+            out[wp:, :wq] = out[:wp, wq:].T
+        else:
+            out[wp:, :wq] = torch.einsum("nop,nj->opj", M, aq).reshape(p.d_out, wq)
     if p.has_bias and q.has_bias:
-        out[wp:, wq:] = M.sum(0)
+        B = M.sum(0)
+        out[wp:, wq:] = 0.5 * (B + B.T) if p is q else B
 
 
 def _rows_layer_pair(R: Tensor, q: LayerIO, out: Tensor) -> None:
@@ -124,7 +158,8 @@ def _fill(pieces: list, out: Tensor, offset: int) -> None:
             block = out[p.start - offset:p.stop - offset, q.start - offset:q.stop - offset]
             _pair(p, q, block)
             if q is p:  # exactly symmetric, not just up to rounding
-                symmetrize_(block)
+                if not _is_kron(p):  # (single-position layers write exactly symmetric diagonal blocks)
+                    symmetrize_(block)
             else:
                 out[q.start - offset:q.stop - offset, p.start - offset:p.stop - offset] = block.T
 
