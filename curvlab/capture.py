@@ -192,6 +192,8 @@ def supported_layers(prob: Problem) -> dict[str, nn.Module]:
     zero padding), its weight is trainable, its trainable tensors are exactly weight (and bias)
     in that order in θ, and it is not shared under another name.
     """
+    if "supported_layers" in prob.structure_cache:
+        return dict(prob.structure_cache["supported_layers"])
     names = set(prob.param_names)
     order = {n: i for i, n in enumerate(prob.param_names)}
     counts: dict[int, int] = {}
@@ -211,6 +213,7 @@ def supported_layers(prob: Problem) -> dict[str, nn.Module]:
         if own != expected or (len(expected) == 2 and order[b] != order[w] + 1):
             continue
         found[mname] = m
+    prob.structure_cache["supported_layers"] = dict(found)
     return found
 
 

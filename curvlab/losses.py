@@ -145,6 +145,12 @@ class CrossEntropy(Likelihood):
         p = torch.softmax(f, dim=1)
         return torch.multinomial(p, m, replacement=True, generator=generator).T  # (m, N)
 
+    def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        # the same draws as sample(), with the softmax computed once: p − onehot(ŷ_s)
+        p = torch.softmax(f, dim=1)
+        ys = torch.multinomial(p, m, replacement=True, generator=generator).T  # (m, N)
+        return p[None] - torch.nn.functional.one_hot(ys, f.shape[1]).to(p.dtype)
+
 
 class SquaredError(Likelihood):
     """``nn.MSELoss``: ℓ_n = ‖f_n − y_n‖², the negative log-likelihood of N(f, ½I) up to constants."""

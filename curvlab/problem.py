@@ -173,6 +173,9 @@ class Problem:
         self.partition: Partition = self._make_partition(partition)
         self.name = name or type(model).__name__
         self.meta: dict[str, Any] = dict(meta or {})
+        #: facts about the model's structure (which layers get structured formulas …), shared by
+        #: the problems made from this one with ``at`` and ``subset`` (same model, same parameters)
+        self.structure_cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
