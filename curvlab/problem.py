@@ -9,7 +9,7 @@ parameters given explicitly, so a Problem can be evaluated at any θ.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,17 @@ class Block:
     def size(self) -> int:
         return self.slice.stop - self.slice.start
 
+    def __iter__(self) -> Iterator[Any]:
+        """A block unpacks as its ``(name, slice)`` pair: ``for name, s in prob.partition: ...``."""
+        return iter((self.name, self.slice))
+
 
 class Partition(tuple):
-    """Ordered, contiguous, non-overlapping blocks covering the whole flat parameter vector."""
+    """Ordered, contiguous, non-overlapping blocks covering the whole flat parameter vector.
+
+    Each block is a :class:`Block` that unpacks as ``(name, slice)`` (the design's contract) and also
+    has ``.name``, ``.slice``, ``.params`` and ``.size``; ``partition["name"]`` looks one up by name.
+    """
 
     def __new__(cls, blocks: Iterable[Block]) -> Partition:
         return super().__new__(cls, tuple(blocks))

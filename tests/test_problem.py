@@ -193,6 +193,17 @@ def test_partition_module():
     assert prob.partition["2"].params == ("2.weight", "2.bias")
 
 
+def test_partition_blocks_unpack_as_name_and_slice():
+    """design.md: ``prob.partition`` is the ordered blocks (name, slice) over the flat vector."""
+    prob = _ce()
+    pairs = [(name, s) for name, s in prob.partition]
+    assert pairs == [("0", slice(0, 20)), ("2", slice(20, 44))]
+    theta = prob.theta
+    assert torch.equal(torch.cat([theta[s] for _, s in prob.partition]), theta)
+    name, s = prob.partition["2"]
+    assert (name, s) == (prob.partition["2"].name, prob.partition["2"].slice)
+
+
 def test_partition_per_tensor_and_all():
     X, y = _ce_data()
     per = cl.Problem(_mlp(), nn.CrossEntropyLoss(), X, y, partition="per_tensor")
