@@ -293,18 +293,29 @@ class Problem:
 
     def gradient(self, theta: Tensor | None = None) -> Tensor:
         """∇L(θ), flat (P,)."""
-        theta = (self.theta if theta is None else theta).detach().requires_grad_(True)
+        theta = self.check_theta(theta).detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss_tensor(theta)
             (g,) = torch.autograd.grad(loss, theta)
         return g
 
-    def at(self, theta: Tensor) -> Problem:
-        """The same problem evaluated at other parameter values θ (the model is not mutated)."""
+    def check_theta(self, theta: Tensor | None) -> Tensor:
+        """The parameter vector to evaluate at: the problem's own θ for None, else ``theta`` checked.
+
+        Raises ``ValueError`` unless ``theta`` has shape (P,) and finite entries; it is cast to the
+        problem's dtype and device.
+        """
+        if theta is None:
+            return self.theta
         theta = torch.as_tensor(theta, dtype=self.dtype, device=self.device)
         if theta.shape != (self.num_params,):
             raise ValueError(f"parameter vector must have shape ({self.num_params},); got {tuple(theta.shape)}")
         _check_finite(theta, "theta")
+        return theta
+
+    def at(self, theta: Tensor) -> Problem:
+        """The same problem evaluated at other parameter values θ (the model is not mutated)."""
+        theta = self.check_theta(theta)
         new = self._copy()
         new.theta = theta.detach().clone()
         return new

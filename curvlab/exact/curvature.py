@@ -30,11 +30,13 @@ STRUCTURES = ("full", "block", "diag", "operator")
 KINDS = ("hessian", "ggn", "fisher_mc", "empirical_fisher")
 
 
-def _check(prob: Problem, structure: str) -> None:
+def _check(prob: Problem, structure: str, theta: Tensor | None) -> Tensor | None:
+    """Validate the arguments; returns ``theta`` checked (shape (P,), finite) or None."""
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}: use one of {STRUCTURES}")
+    return None if theta is None else prob.check_theta(theta)
 
 
 def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor], Tensor],
@@ -50,7 +52,7 @@ def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor
 def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
             chunk: int | None = None) -> CurvatureMatrix:
     """The exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
-    _check(prob, structure)
+    theta = _check(prob, structure, theta)
     if structure == "operator":
         return operator(prob, "hessian", theta)
     fn = {"full": _hessian.hessian_dense, "block": _hessian.hessian_block, "diag": _hessian.hessian_diag}
@@ -59,7 +61,7 @@ def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
 
 def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
     """The exact generalised Gauss-Newton matrix R Σ_n J_nᵀ ∇²_f ℓ_n J_n."""
-    _check(prob, structure)
+    theta = _check(prob, structure, theta)
     if structure == "operator":
         return operator(prob, "ggn", theta)
     return _from_cotangents(prob, structure, output_cotangents(prob, "type2"), theta)
@@ -71,7 +73,7 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: in
 
     Draws come from a ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
     """
-    _check(prob, structure)
+    theta = _check(prob, structure, theta)
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer; got {samples!r}")
     if structure == "operator":
@@ -81,7 +83,7 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: in
 
 def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
     """The empirical Fisher R Σ_n ∇ℓ_n ∇ℓ_nᵀ with the data labels."""
-    _check(prob, structure)
+    theta = _check(prob, structure, theta)
     if structure == "operator":
         return operator(prob, "empirical_fisher", theta)
     return _from_cotangents(prob, structure, output_cotangents(prob, "empirical"), theta)

@@ -26,6 +26,13 @@ from curvlab.problem import Problem
 __all__ = ["hvp", "ggn_vp", "ef_vp", "fisher_mc_vp", "operator"]
 
 
+def _checked(prob: Problem, theta: Tensor | None) -> Tensor:
+    """The parameter vector to evaluate at (``prob.theta`` for None), after checking the arguments."""
+    if not isinstance(prob, Problem):
+        raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
+    return prob.check_theta(theta)
+
+
 def _batched(fn: Callable[[Tensor], Tensor], prob: Problem, V: Tensor) -> Tensor:
     M, one = as_vectors(V, prob.num_params, prob.dtype, prob.device, "V")
     out = vmap(fn, in_dims=1, out_dims=1)(M)
@@ -63,19 +70,19 @@ def _apply_cotangents(U: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
 def hvp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
     """∇²L(θ) V."""
-    theta = prob.theta if theta is None else theta
+    theta = _checked(prob, theta)
     return _batched(_hvp_fn(prob, theta), prob, V)
 
 
 def ggn_vp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
     """G V = R Σ_n J_nᵀ ∇²_f ℓ_n J_n V."""
-    theta = prob.theta if theta is None else theta
+    theta = _checked(prob, theta)
     return _batched(_output_space_fn(prob, theta, prob.likelihood.hvp_output), prob, V)
 
 
 def ef_vp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
     """EF V = R Σ_n ∇ℓ_n ∇ℓ_nᵀ V (data labels)."""
-    theta = prob.theta if theta is None else theta
+    theta = _checked(prob, theta)
     with torch.no_grad():
         r = prob.likelihood.grad_output(prob.output(theta), prob.y)
     return _batched(_output_space_fn(prob, theta, _apply_cotangents(r[None])), prob, V)
@@ -83,7 +90,7 @@ def ef_vp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
 
 def fisher_mc_vp(prob: Problem, V: Tensor, samples: int = 1, seed: int = 0, theta: Tensor | None = None) -> Tensor:
     """F_MC V = R Σ_n mean_s ∇ℓ_n(ŷ_s) ∇ℓ_n(ŷ_s)ᵀ V with the same draws as ``exact.fisher_mc``."""
-    theta = prob.theta if theta is None else theta
+    theta = _checked(prob, theta)
     with torch.no_grad():
         U = sampled_output_grads(prob, prob.output(theta), samples, seed) / samples**0.5
     return _batched(_output_space_fn(prob, theta, _apply_cotangents(U)), prob, V)
@@ -92,7 +99,7 @@ def fisher_mc_vp(prob: Problem, V: Tensor, samples: int = 1, seed: int = 0, thet
 def operator(prob: Problem, kind: str, theta: Tensor | None = None, samples: int = 1, seed: int = 0,
              chunk: int = 64) -> MatrixFree:
     """The exact curvature ``kind`` as a matrix-free CurvatureMatrix (products only)."""
-    theta = prob.theta if theta is None else theta
+    theta = _checked(prob, theta)
     if kind == "hessian":
         fn = _hvp_fn(prob, theta)
     elif kind == "ggn":

@@ -194,3 +194,24 @@ def test_bad_arguments():
         cl.exact.get("fisher")
     with pytest.raises(ValueError, match="shape"):
         cl.exact.hvp(prob, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_or_misshapen_theta_is_refused(bad):
+    """Evaluating at other parameter values checks them like the model's own (shape, NaN/inf)."""
+    prob = cl.Problem(*make("mlp", "ce", "mean"))
+    theta = prob.theta.clone()
+    theta[5] = bad
+    V = torch.ones(prob.num_params, dtype=torch.float64)
+    calls = [lambda kind=kind, s=s: cl.exact.get(kind)(prob, structure=s, theta=theta)
+             for kind in ("hessian", "ggn", "fisher_mc", "empirical_fisher") for s in ("full", "block", "diag")]
+    calls += [lambda: cl.exact.ggn(prob, structure="operator", theta=theta), lambda: prob.gradient(theta)]
+    calls += [lambda fn=fn: fn(prob, V, theta=theta)
+              for fn in (cl.exact.hvp, cl.exact.ggn_vp, cl.exact.ef_vp, cl.exact.fisher_mc_vp)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"theta contains NaN or inf \(first at index \(5,\)"):
+            call()
+    with pytest.raises(ValueError, match=r"shape \(39,\)"):
+        cl.exact.ggn(prob, theta=prob.theta[:3])
+    with pytest.raises(TypeError, match="Problem"):
+        cl.exact.hvp("digits-mlp", V)
