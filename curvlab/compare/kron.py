@@ -132,6 +132,8 @@ def factor_fraction_below(C: CurvatureMatrix, damping: float, mode: str = "pi") 
     Leaves without Kronecker factors are left out; top-level block names are used, nested leaves
     are named ``block.leaf``.
     """
+    if not isinstance(C, CurvatureMatrix):
+        raise TypeError(f"C must be a curvlab CurvatureMatrix; got {type(C).__name__}")
     out: dict[str, tuple[float, float]] = {}
     for name, leaf in kron_leaves(C):
         fe = _factor_eigenvalues(leaf)

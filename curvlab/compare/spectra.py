@@ -52,8 +52,24 @@ def register_top_eigen(rule: _TopRule) -> _TopRule:
     return rule
 
 
+def _check_matrix(C: object, what: str) -> None:
+    if not isinstance(C, CurvatureMatrix):
+        raise TypeError(f"{what} must be a curvlab CurvatureMatrix; got {type(C).__name__}")
+
+
+def _check_finite(x: float, what: str) -> float:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number; got {x!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite; got {x}")
+    return x
+
+
 def eigenvalues(C: CurvatureMatrix, descending: bool = True) -> Tensor:
     """All eigenvalues of C (cached on C by ``eigvalsh``), largest first by default."""
+    _check_matrix(C, "C")
     w = C.eigvalsh()
     return torch.flip(w, (0,)) if descending else w
 
@@ -187,8 +203,11 @@ def spectra(A: CurvatureMatrix, B: CurvatureMatrix, k: int = 10, full: bool = Tr
     Wasserstein distances; ``full=False`` only the top ``k`` eigenpairs (Lanczos for large dense
     matrices) and the Wasserstein fields are NaN.
     """
+    _check_matrix(A, "A")
+    _check_matrix(B, "B")
     if A.size != B.size:
         raise ValueError(f"cannot compare spectra of sizes {A.size} and {B.size}")
+    damping = _check_finite(damping, "damping")
     k = min(int(k), A.size)
     ta, tb = top_eigen(A, k), top_eigen(B, k)
     overlap, cos = subspace_overlap(ta.vectors, tb.vectors)
@@ -207,6 +226,8 @@ def spectra(A: CurvatureMatrix, B: CurvatureMatrix, k: int = 10, full: bool = Tr
 
 def fraction_below(C: CurvatureMatrix, damping: float) -> float:
     """#{i : λ_i(C) < λ} / P: the share of C's spectrum that a damping λ dominates."""
+    _check_matrix(C, "C")
+    damping = _check_finite(damping, "damping")
     w = C.eigvalsh()
     return float((w < damping).sum()) / w.numel()
 
@@ -218,6 +239,9 @@ def negative_mass(H: CurvatureMatrix, reference: CurvatureMatrix | None = None) 
     Hessian relative to the GGN's total curvature. Eigenvalues above −P·ε·max|λ| (ε the dtype's
     machine epsilon) are rounding noise of zero and do not count.
     """
+    _check_matrix(H, "H")
+    if reference is not None:
+        _check_matrix(reference, "reference")
     w = H.eigvalsh().to(torch.float64)
     tol = w.numel() * torch.finfo(H.dtype).eps * float(w.abs().max()) if w.numel() else 0.0
     neg = float(w[w < -tol].abs().sum())

@@ -108,3 +108,17 @@ def test_factor_fraction_below_uses_each_factors_damping_share():
     lam = 1e-2  # factored: λ_A = λ_G = 0.1
     assert cc.factor_fraction_below(C, lam, "factored") == {"layer": (2 / 3, 1 / 2)}
     assert cc.factor_fraction_below(structured("dense", 0), lam) == {}
+
+
+def test_spectral_comparators_refuse_what_is_not_a_curvature_matrix():
+    C = Diagonal(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    M = C.to_dense()
+    for call in (lambda: cc.spectra(M, C), lambda: cc.spectra(C, M), lambda: cc.fraction_below(M, 1e-3),
+                 lambda: cc.negative_mass(M), lambda: cc.negative_mass(C, M), lambda: cc.eigenvalues(M),
+                 lambda: cc.factor_fraction_below(M, 1e-3)):
+        with pytest.raises(TypeError, match="CurvatureMatrix; got Tensor"):
+            call()
+    with pytest.raises(ValueError, match="damping must be finite; got nan"):
+        cc.fraction_below(C, float("nan"))
+    with pytest.raises(ValueError, match="damping must be finite; got inf"):
+        cc.spectra(C, C, k=2, damping=float("inf"))
