@@ -198,6 +198,11 @@ def report(prob: Problem,
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     if damping_rule not in ("own", "exact"):
         raise ValueError(f"damping_rule must be 'own' or 'exact'; got {damping_rule!r}")
+    if isinstance(step, bool) or not (step in ("armijo", "model") or
+                                      (isinstance(step, (int, float)) and math.isfinite(step))):
+        raise ValueError(f'step must be "armijo", "model" or a finite learning rate; got {step!r}')
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (the number of top eigenpairs) must be a positive integer; got {k!r}")
     dampings = [float(d) for d in (np.atleast_1d(np.asarray(damping, dtype=float)))]
     if not dampings or any(not math.isfinite(d) or d < 0 for d in dampings):
         raise ValueError(f"damping must be a list of finite non-negative numbers; got {damping}")
@@ -208,6 +213,14 @@ def report(prob: Problem,
     say = progress or (lambda msg: None)
     seed = int(prob.meta.get("seed", 0)) if seed is None else int(seed)
     order, refs, custom = _resolve_methods(methods, references)
+    for name, obj in custom.items():
+        if isinstance(obj, CurvatureMatrix):
+            if obj.size != prob.num_params:
+                raise ValueError(f"method {name!r} is a {obj.size}×{obj.size} matrix; the problem has "
+                                 f"{prob.num_params} parameters")
+        elif not callable(obj):
+            raise TypeError(f"method {name!r} must be a registered name, a CurvatureMatrix or a callable "
+                            f"(g, damping) -> direction; got {type(obj).__name__}")
 
     # ---------------------------------------------------------------- build
     cache: dict[str, Any] = {}

@@ -127,6 +127,18 @@ def test_report_errors(prob):
         cc.report(prob, methods=["ggn"], references=["sgd"])
     with pytest.raises(ValueError, match="damping_rule"):
         cc.report(prob, methods=["ggn"], damping_rule="pi")
+    # checked before anything is built: a typo must not turn into NaN columns
+    with pytest.raises(ValueError, match="step must be .*got 'amijo'"):
+        cc.report(prob, methods=["ggn"], step="amijo")
+    with pytest.raises(ValueError, match="step must be .*got nan"):
+        cc.report(prob, methods=["ggn"], step=math.nan)
+    with pytest.raises(ValueError, match="k .* positive integer; got 0"):
+        cc.report(prob, methods=["ggn"], k=0)
+    small = cl.Dense(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"'mine' is a 3×3 matrix; the problem has {prob.num_params} parameters"):
+        cc.report(prob, methods={"mine": small})
+    with pytest.raises(TypeError, match="'mine' must be .*got int"):
+        cc.report(prob, methods={"mine": 3})
 
 
 def test_every_registered_method_builds(prob):
