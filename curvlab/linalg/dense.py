@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.linalg.base import CurvatureMatrix, Eigh
+from curvlab.linalg.base import CurvatureMatrix, Eigh, _check_damping
 
 __all__ = ["Dense"]
 
@@ -83,9 +83,10 @@ class Dense(CurvatureMatrix):
         return self.matrix.diagonal().sum()
 
     def logdet(self, damping: float = 0.0) -> Tensor:
+        damping = _check_damping(damping)
         if "eigh" in self._cache or "eigvalsh" in self._cache:
             return super().logdet(damping)
-        kind, F, _ = self._factor(float(damping))
+        kind, F, _ = self._factor(damping)
         if kind != "cholesky":
             raise ValueError(f"logdet: C + {damping}·I is not positive definite; increase the damping")
         return 2.0 * torch.log(F.diagonal()).sum()

@@ -169,6 +169,9 @@ def test_bad_inputs(kind):
         C @ bad
     with pytest.raises(ValueError, match="damping"):
         C.solve(torch.ones(n, dtype=torch.float64), float("inf"))
+    for method in (C.logdet, C.inverse):
+        with pytest.raises(ValueError, match="damping must be finite; got nan"):
+            method(float("nan"))
     with pytest.raises(ValueError, match="sizes"):
         C + Dense(spd(n + 1, 0))
 
