@@ -226,6 +226,8 @@ def _run_compare(args: argparse.Namespace) -> int:
             raise UsageError(f"--step: use armijo, model or a number; got {args.step!r}") from None
     if args.k < 1:
         raise UsageError(f"--k must be at least 1; got {args.k}")
+    out = Path(args.out) if args.out else Path("data") / "results" / f"{args.name}-compare.nc"
+    _check_writable(out)  # before the report's minutes of work, not after
     prob = problem_from_args(args)
     t0 = time.perf_counter()
 
@@ -238,13 +240,29 @@ def _run_compare(args: argparse.Namespace) -> int:
                 damping_rule=args.damping_rule, step=step, mc_samples=args.mc_samples, seed=args.seed,
                 skip_unavailable=True, progress=progress)
     print(format_report(ds))
-    out = Path(args.out) if args.out else Path("data") / "results" / f"{args.name}-compare.nc"
-    path = save(ds, out)
-    print(f"\nwrote {path}  ({time.perf_counter() - t0:.0f} s)")
-    if not args.no_figures:
-        for fig in plot.save_figures(ds, path.with_suffix("")):
-            print(f"wrote {fig}")
+    try:
+        path = save(ds, out)
+        print(f"\nwrote {path}  ({time.perf_counter() - t0:.0f} s)")
+        if not args.no_figures:
+            for fig in plot.save_figures(ds, path.with_suffix("")):
+                print(f"wrote {fig}")
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc}") from None
     return 0
+
+
+def _check_writable(out: Any) -> None:
+    """Refuse (one line, status 2) an output path whose folder cannot be created or written to."""
+    import tempfile
+
+    if out.is_dir():
+        raise UsageError(f"--out: {out} is a folder; give a file name such as {out / 'report.nc'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write into {out.parent}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- curvlab plot

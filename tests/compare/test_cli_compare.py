@@ -32,3 +32,14 @@ def test_compare_and_plot_errors_are_one_line(tmp_path, capsys):
     assert "--damping" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "missing.nc")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_compare_refuses_an_unwritable_output_before_computing(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = main(["compare", "diabetes-mlp", "--n", "8", "--methods", "kfac", "--out", str(blocker / "r.nc"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out: cannot write into" in err
+    assert main(["compare", "diabetes-mlp", "--n", "8", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err
