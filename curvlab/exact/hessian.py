@@ -13,11 +13,14 @@ network (chunk × N × activations), the per-layer pre-activation curvature, and
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from curvlab import memory
+from curvlab.exact.conv_gemm import ConvAsGemm
 from curvlab.exact.hessian_layers import LayerCurvature, layer_curvature, pair_block, single_use_linear_layers
 from curvlab.exact.outer import symmetrize_
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
@@ -45,6 +48,13 @@ def default_chunk(prob: Problem) -> int:
     return int(min(256, max(8, (128 * 2**20) // per_vector)))
 
 
+def _fast_conv(prob: Problem):
+    """float64: convolutions as im2col + GEMM (see :mod:`curvlab.exact.conv_gemm`); else nothing."""
+    if prob.dtype == torch.float64 and any(isinstance(m, torch.nn.Conv2d) for m in prob.model.modules()):
+        return ConvAsGemm()
+    return contextlib.nullcontext()
+
+
 def _sub_loss(prob: Problem, theta: Tensor, s: slice):
     before, after = theta[:s.start], theta[s.stop:]
 
@@ -66,7 +76,9 @@ def _columns(prob: Problem, theta: Tensor, s: slice, chunk: int):
     eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
-        yield j0, j1, vmap(hvp)(eye[j0:j1]).T  # (n, j1 - j0)
+        with _fast_conv(prob):
+            cols = vmap(hvp)(eye[j0:j1]).T  # (n, j1 - j0)
+        yield j0, j1, cols
 
 
 def _hvp_columns(prob: Problem, theta: Tensor, idx: Tensor, chunk: int):
@@ -81,7 +93,9 @@ def _hvp_columns(prob: Problem, theta: Tensor, idx: Tensor, chunk: int):
         pos = idx[c:c + chunk]
         E = torch.zeros(len(pos), prob.num_params, dtype=prob.dtype, device=prob.device)
         E[torch.arange(len(pos)), pos] = 1.0
-        yield pos, vmap(hvp)(E).T
+        with _fast_conv(prob):
+            cols = vmap(hvp)(E).T
+        yield pos, cols
 
 
 class _Layout:
