@@ -137,9 +137,9 @@ def _registry() -> dict[str, MethodSpec]:
         ("kfac-mc", "KFAC, Monte-Carlo Fisher (sampled labels)", "kron", "kfac", {"fisher": "mc"}, "MC"),
         ("kfac-ef", "KFAC, empirical Fisher (data labels)", "kron", "kfac", {"fisher": "empirical"}, "empirical"),
         ("ekfac", "EKFAC: KFAC eigenbasis with re-fitted diagonal scaling", "eigen_kron", "ekfac", {}, ""),
-        ("tkfac", "TKFAC: trace-restricted KFAC", "kron", "tkfac", {}, ""),
+        ("tkfac", "TKFAC: trace-restricted KFAC", "trace_kron", "tkfac", {}, ""),
         ("tekfac", "TEKFAC: trace-restricted EKFAC", "eigen_kron", "tekfac", {}, ""),
-        ("foof", "FOOF: A ⊗ I, input factor only (gradient descent on neurons)", "kron", "foof", {}, ""),
+        ("foof", "FOOF: A ⊗ I, input factor only (gradient descent on neurons)", "forward_only", "foof", {}, ""),
         ("kfoc", "KFOC: nearest Kronecker product (rank-1 KPSVD) of each block", "kron", "kfoc", {}, ""),
     ]
     for name, desc, structure, fn, kw, rung in approx:

@@ -150,6 +150,8 @@ def test_every_registered_method_builds(prob):
         assert x.shape == g.shape and torch.isfinite(x).all(), name
         if isinstance(m, CurvatureMatrix):
             assert m.size == prob.num_params
+        if reg.spec(name).family == "approx":  # the report's structure coordinate is the matrix's (design.md)
+            assert reg.spec(name).structure == m.structure, name
     # -block and -diag read off the full matrix give the oracle's numbers
     torch.testing.assert_close(cache["ggn-block"].to_dense(), cl.exact.ggn(prob, structure="block").to_dense())
     assert reg.canonical("Newton") == "hessian" and reg.canonical("empirical_fisher") == "ef"
