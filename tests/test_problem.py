@@ -285,6 +285,7 @@ def test_flatten_unflatten_round_trip():
     (nn.MSELoss(), lambda: torch.randn(N, 4, dtype=torch.float64)),
     (nn.MSELoss(reduction="sum"), lambda: torch.randn(N, 4, dtype=torch.float64)),
     (nn.BCEWithLogitsLoss(), lambda: torch.rand(N, 4, dtype=torch.float64)),
+    (nn.BCEWithLogitsLoss(reduction="sum"), lambda: torch.rand(N, 4, dtype=torch.float64)),
 ])
 def test_loss_and_gradient_match_autograd(loss_fn, make_y):
     model = _mlp()
