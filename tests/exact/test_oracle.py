@@ -125,6 +125,7 @@ def test_fisher_mc_matches_its_formula_for_the_same_draws(loss):
     ref = reference.fisher_mc_from(prob, labels)
     assert rel(cl.exact.fisher_mc(prob, samples=samples, seed=seed).to_dense(), ref) < TOL
     assert rel(cl.exact.fisher_mc(prob, "block", samples=samples, seed=seed).to_dense(), ref * block_mask(prob)) < TOL
+    assert rel(cl.exact.fisher_mc(prob, "diag", samples=samples, seed=seed).diagonal(), ref.diagonal()) < TOL
 
 
 @pytest.mark.parametrize("loss", LOSSES)
