@@ -228,11 +228,15 @@ class CurvatureMatrix:
             alpha = float(alpha)
         if not isinstance(alpha, (int, float)):
             return NotImplemented
+        if not np.isfinite(alpha):
+            raise ValueError(f"cannot scale a curvature matrix by {alpha}: the scalar must be finite")
         return self._scaled(float(alpha))
 
     __rmul__ = __mul__
 
     def __truediv__(self, alpha: Any) -> CurvatureMatrix:
+        if float(alpha) == 0.0:
+            raise ValueError("cannot divide a curvature matrix by zero")
         return self * (1.0 / float(alpha))
 
     def __neg__(self) -> CurvatureMatrix:

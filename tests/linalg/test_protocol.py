@@ -172,6 +172,11 @@ def test_bad_inputs(kind):
     for method in (C.logdet, C.inverse):
         with pytest.raises(ValueError, match="damping must be finite; got nan"):
             method(float("nan"))
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"scale a curvature matrix by {alpha}"):
+            alpha * C
+    with pytest.raises(ValueError, match="divide a curvature matrix by zero"):
+        C / 0
     with pytest.raises(ValueError, match="sizes"):
         C + Dense(spd(n + 1, 0))
 
