@@ -216,6 +216,9 @@ class Problem:
                 raise ValueError(f"unknown partition {spec!r}: use 'module', 'per_tensor', 'all' or a "
                                  "sequence of parameter-name lists")
         else:
+            if not isinstance(spec, Iterable):
+                raise TypeError(f"partition must be 'module', 'per_tensor', 'all' or a sequence of parameter-name "
+                                f"lists; got {type(spec).__name__} {spec!r}")
             groups = []
             for i, item in enumerate(spec):
                 named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)

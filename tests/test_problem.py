@@ -239,6 +239,12 @@ def test_bad_partitions(spec, message):
         cl.Problem(_mlp(), nn.CrossEntropyLoss(), X, y, partition=spec)
 
 
+def test_partition_of_the_wrong_type():
+    X, y = _ce_data()
+    with pytest.raises(TypeError, match="partition must be .*got int 3"):
+        cl.Problem(_mlp(), nn.CrossEntropyLoss(), X, y, partition=3)
+
+
 def test_frozen_parameters_are_not_in_theta():
     model = _mlp()
     model[0].bias.requires_grad_(False)
