@@ -87,6 +87,8 @@ def step_size(step: float | str, x: Tensor, g: Tensor, model: CurvatureMatrix | 
               loss: Callable[[Tensor], float] | None, loss0: float | None = None) -> float:
     """The step size α for direction x under the rule ``step`` (see the module docstring)."""
     if isinstance(step, (int, float)) and not isinstance(step, bool):
+        if not math.isfinite(step):
+            raise ValueError(f"a learning rate must be finite; got {step}")
         return float(step)
     slope = float(g @ x)
     if step == "model":

@@ -100,3 +100,5 @@ def test_direction_errors_are_clear():
         cc.directions({"bad": lambda g, lam: g[:2]}, g)
     with pytest.raises(ValueError, match="armijo"):
         cc.directions({"C": C}, g, step="armijo")
+    with pytest.raises(ValueError, match="learning rate must be finite; got inf"):
+        cc.directions({"C": C}, g, step=float("inf"))
