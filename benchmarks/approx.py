@@ -134,6 +134,59 @@ def curvlinops_methods(prob) -> dict[str, Callable[[], object]]:
     }
 
 
+def backpack_methods(prob) -> dict[str, Callable[[], object]]:
+    """BackPACK 1.7: KFLR (= type-2 KFAC) and KFAC (MC, 1 sample), forward + backward included;
+    ``extend`` on a copy of the model is one-off set-up and not timed (as in peer-benchmarks.md)."""
+    import warnings
+
+    from backpack import backpack, extend
+    from backpack.extensions import KFAC, KFLR
+
+    warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+    model, loss_fn = extend(copy.deepcopy(prob.model)), extend(copy.deepcopy(prob.loss_fn))
+
+    def run(ext) -> Callable[[], object]:
+        def build() -> object:
+            model.zero_grad()
+            with backpack(ext):
+                loss_fn(model(prob.X), prob.y).backward()
+            return [getattr(p, ext.savefield) for p in model.parameters()]
+        return build
+
+    return {"KFAC type-2": run(KFLR()), "KFAC MC (1 sample)": run(KFAC(mc_samples=1))}
+
+
+def nngeometry_methods(prob) -> dict[str, Callable[[], object]]:
+    """nngeometry 0.4: FIM(PMatKFAC) (exact = type-2), FIM(PMatEKFAC) + update_diag, and
+    FIM_MonteCarlo(PMatKFAC, 1 trial); classification (cross-entropy) in float32 only — its helper
+    matrices are built in the default dtype (peer-benchmarks.md). The loader is one-off set-up."""
+    import torch
+    from nngeometry.metrics import FIM, FIM_MonteCarlo
+    from nngeometry.object import PMatEKFAC, PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if prob.dtype != torch.float32 or type(prob.loss_fn).__name__ != "CrossEntropyLoss":
+        return {}
+    model = copy.deepcopy(prob.model)
+    loader = DataLoader(TensorDataset(prob.X, prob.y), batch_size=prob.num_samples)
+
+    def ekfac() -> object:
+        F = FIM(model=model, loader=loader, representation=PMatEKFAC, variant="classif_logits")
+        F.update_diag(loader)
+        return F
+
+    return {
+        "KFAC type-2": lambda: FIM(model=model, loader=loader, representation=PMatKFAC, variant="classif_logits"),
+        "KFAC MC (1 sample)": lambda: FIM_MonteCarlo(model=model, loader=loader, representation=PMatKFAC,
+                                                     variant="classif_logits", trials=1),
+        "EKFAC type-2": ekfac,
+    }
+
+
+PEERS = {"curvlinops": curvlinops_methods, "BackPACK": backpack_methods, "nngeometry": nngeometry_methods}
+PEER_PACKAGES = {"curvlinops": "curvlinops-for-pytorch", "BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
+
+
 def fmt_time(t: float) -> str:
     return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
@@ -147,25 +200,27 @@ def main() -> None:
     import curvlab as cl
 
     torch.set_num_threads(2)
-    peers_ok, peer_note = False, "not requested"
+    peers, notes = [], []
     if not args.no_peers:
-        try:
-            from importlib.metadata import version
+        from importlib import import_module
+        from importlib.metadata import version
 
-            import curvlinops  # noqa: F401
-
-            peers_ok, peer_note = True, f"curvlinops-for-pytorch {version('curvlinops-for-pytorch')}"
-        except Exception as exc:  # pragma: no cover - depends on the environment
-            peer_note = f"curvlinops skipped ({type(exc).__name__}: {exc}); pip install -c constraints.txt " \
-                        "curvlinops-for-pytorch"
+        for peer, package in PEER_PACKAGES.items():
+            try:
+                import_module({"curvlinops": "curvlinops", "BackPACK": "backpack", "nngeometry": "nngeometry"}[peer])
+                peers.append(peer)
+                notes.append(f"{package} {version(package)}")
+            except Exception as exc:  # pragma: no cover - depends on the environment
+                notes.append(f"{peer} skipped ({type(exc).__name__}; pip install -c constraints.txt {package})")
+    peer_note = ", ".join(notes) or "not requested"
     names = args.problems or cl.problems.names()
     print(f"# curvlab approximations: build time (median of {args.runs} runs after a warm-up; fewer for calls > 1 s)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
           f"{platform.processor() or platform.machine()}; allocator: "
           f"{'heap reuse ' + str(HEAP_ENV) if args.allocator == 'reuse' else 'glibc default'}; peers: {peer_note}")
     print()
-    print("| problem | dtype | method | curvlab | × gradient | curvlinops | × gradient |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| problem | dtype | method | curvlab | × gradient | " + " | ".join(peers) + " | fastest peer ÷ curvlab |")
+    print("|---|---|---|---:|---:|" + "---:|" * len(peers) + "---:|")
     results: dict[tuple[str, str, str, str], float] = {}
     for name in names:
         for dt in args.dtypes:
@@ -173,25 +228,39 @@ def main() -> None:
             prob = cl.problems.load(name, dtype=dtype)
             unit = gradient_unit(prob)
             results[(name, dt, "gradient", "torch")] = unit
-            print(f"| {name} (P={prob.num_params}) | {dt} | one gradient (unit) | {fmt_time(unit)} | 1.0 | | |")
+            print(f"| {name} (P={prob.num_params}) | {dt} | one gradient (unit) | {fmt_time(unit)} | 1.0 |"
+                  + " |" * len(peers) + " |")
             ours = curvlab_methods(prob)
-            theirs = curvlinops_methods(prob) if peers_ok else {}
+            theirs = {}
+            for peer in peers:
+                try:
+                    theirs[peer] = PEERS[peer](prob)
+                except Exception as exc:  # pragma: no cover - peer set-up failures are reported
+                    theirs[peer] = {"__failed__": f"failed: {type(exc).__name__}"}
             for label, fn in ours.items():
                 if args.methods and label not in args.methods:
                     continue
                 t, n = median_time(fn, args.runs)
                 results[(name, dt, label, "curvlab")] = t
-                cell_peer = cell_ratio = ""
-                if label in theirs:
+                cells, fastest = [], None
+                for peer in peers:
+                    methods = theirs[peer]
+                    if label not in methods:
+                        cells.append(methods.get("__failed__", ""))
+                        continue
                     try:
-                        tp, npeer = median_time(theirs[label], args.runs)
-                        results[(name, dt, label, "curvlinops")] = tp
-                        cell_peer = fmt_time(tp) + (f" n={npeer}" if npeer < args.runs else "")
-                        cell_ratio = f"{tp / unit:.1f}"
+                        tp, npeer = median_time(methods[label], args.runs)
                     except Exception as exc:  # pragma: no cover - peer failures are reported, not fatal
-                        cell_peer = f"failed: {type(exc).__name__}"
+                        cells.append(f"failed: {type(exc).__name__}")
+                        continue
+                    results[(name, dt, label, peer)] = tp
+                    fastest = tp if fastest is None else min(fastest, tp)
+                    cells.append(f"{fmt_time(tp)}{f' n={npeer}' if npeer < args.runs else ''} ({tp / unit:.1f}×)")
+                if fastest is not None:
+                    results[(name, dt, label, "fastest peer")] = fastest
                 print(f"| {name} | {dt} | {label} | {fmt_time(t)}{f' n={n}' if n < args.runs else ''} | "
-                      f"{t / unit:.1f} | {cell_peer} | {cell_ratio} |", flush=True)
+                      f"{t / unit:.1f} | " + " | ".join(cells) + (" | " if cells else "")
+                      + (f"{fastest / t:.1f}× |" if fastest is not None else " |"), flush=True)
 
     print()
     print("## Targets (issue 3)")
@@ -211,6 +280,11 @@ def main() -> None:
             if t is not None:
                 print(f"- {name} float32 {label}: {fmt_time(t)} = {t / unit:.1f}× gradient, target {what}: "
                       f"{'met' if t <= bound else 'NOT met'}")
+        for label in ("KFAC type-2", "EKFAC type-2"):  # the issue's same-run target
+            t, tp = results.get((*key, label, "curvlab")), results.get((*key, label, "fastest peer"))
+            if t is not None and tp is not None:
+                print(f"- {name} float32 {label}: curvlab {fmt_time(t)} vs the fastest peer in this run "
+                      f"{fmt_time(tp)}, target no slower: {'met' if t <= tp else 'NOT met'}")
 
 
 if __name__ == "__main__":
