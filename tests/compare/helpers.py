@@ -5,17 +5,7 @@ from __future__ import annotations
 import torch
 
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal, EigenKron, Kron, MatrixFree
-
-
-def spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    B = torch.randn(n, rank or n + 2, generator=g, dtype=torch.float64)
-    return B @ B.T / B.shape[1]
-
-
-def orth(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+from tests.matrices import orth, spd  # noqa: F401  (re-exported to the compare tests)
 
 
 def kron(p: int, q: int, bias: bool, seed: int) -> Kron:

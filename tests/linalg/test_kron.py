@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from curvlab.linalg import BlockDiagonal, Dense, EigenKron, Kron
+from tests.matrices import orth, spd
 
 TOL = 1e-11
 
 
-def spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    B = torch.randn(n, rank or n + 2, generator=g, dtype=torch.float64)
-    return B @ B.T / B.shape[1]
-
-
-def orth(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
 
 
 def param_perm(p: int, q: int, bias: bool) -> torch.Tensor:
