@@ -51,22 +51,9 @@ def naive_hessian_fits(prob, limit: float = 12 * 2**30) -> bool:
     """Whether torch.func.hessian (all P tangents through the network at once) fits in ``limit``
     bytes, estimated as 2 × P × (every module's output over the batch) × bytes per entry; on
     digits-mlp-wide the estimate is 6 GiB against 9 GiB measured, on digits-cnn 24 GiB."""
-    import torch
+    from curvlab.exact.hessian import activation_count
 
-    total = [0]
-
-    def hook(_m, _i, o):
-        if isinstance(o, torch.Tensor):
-            total[0] += o.numel()
-
-    hs = [m.register_forward_hook(hook) for m in prob.model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            prob.output()
-    finally:
-        for h in hs:
-            h.remove()
-    return 2 * prob.num_params * total[0] * prob.theta.element_size() <= limit
+    return 2 * prob.num_params * activation_count(prob) * prob.theta.element_size() <= limit
 
 
 def materialise(make_op, P, dtype, chunk=64):

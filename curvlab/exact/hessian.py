@@ -26,25 +26,31 @@ from curvlab.exact.outer import symmetrize_
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Problem
 
-__all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk"]
+__all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk", "activation_count"]
+
+
+def activation_count(prob: Problem) -> int:
+    """Entries of every leaf module's output over the whole batch (one forward pass, no grad):
+    what one tangent or cotangent costs to push through the network."""
+    acts = [0]
+
+    def hook(_m, _i, o):
+        if isinstance(o, Tensor):
+            acts[0] += o.numel()
+
+    handles = [m.register_forward_hook(hook) for m in prob.model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            prob.output()
+    finally:
+        for h in handles:
+            h.remove()
+    return acts[0]
 
 
 def default_chunk(prob: Problem) -> int:
     """Basis vectors per vmapped chunk: ≈ 128 MiB of tangent activations, between 8 and 256."""
-    with torch.no_grad():
-        acts = [0]
-
-        def hook(_m, _i, o):
-            if isinstance(o, Tensor):
-                acts[0] += o.numel()
-
-        handles = [m.register_forward_hook(hook) for m in prob.model.modules() if not list(m.children())]
-        try:
-            prob.output()
-        finally:
-            for h in handles:
-                h.remove()
-    per_vector = max(1, 4 * acts[0] * prob.theta.element_size())
+    per_vector = max(1, 4 * activation_count(prob) * prob.theta.element_size())
     return int(min(256, max(8, (128 * 2**20) // per_vector)))
 
 
