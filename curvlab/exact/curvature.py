@@ -35,7 +35,9 @@ def _check(prob: Problem, structure: str, theta: Tensor | None) -> Tensor | None
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}: use one of {STRUCTURES}")
+        hint = ("; Kronecker-factored structures are approximations: cl.approx.kfac, ekfac, tkfac, foof, kfoc"
+                if "kron" in str(structure) or structure in ("forward_only", "eigen_kron", "trace_kron") else "")
+        raise ValueError(f"unknown structure {structure!r}: use one of {STRUCTURES}{hint}")
     return None if theta is None else prob.check_theta(theta)
 
 
