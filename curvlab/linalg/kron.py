@@ -288,7 +288,20 @@ class EigenKron(_KronLayout):
         if isinstance(other, Kron):
             other = other.eigen()
         if isinstance(other, EigenKron) and self._same_basis(other):
-            return EigenKron(self.Q_A, self.Q_G, self.S + sign * other.S.to(self.dtype), self.bias)
+            return EigenKron(self.Q_A, self.Q_G, self.S + sign * other.S.to(self.dtype), self.bias,
+                             self._sum_factor_eigenvalues(other, sign))
+        return None
+
+    def _sum_factor_eigenvalues(self, other: EigenKron, sign: float) -> tuple[Tensor, Tensor] | None:
+        """Factor eigenvalues of a sum that is still one Kronecker product: A ⊗ G ± A ⊗ G' =
+        A ⊗ (G ± G') (shared A), likewise for a shared G; otherwise None (no factored damping)."""
+        fa, fb = self.factor_eigenvalues, other.factor_eigenvalues
+        if fa is None or fb is None:
+            return None
+        if torch.equal(fa[0], fb[0]):
+            return fa[0], fa[1] + sign * fb[1]
+        if torch.equal(fa[1], fb[1]):
+            return fa[0] + sign * fb[0], fa[1]
         return None
 
 

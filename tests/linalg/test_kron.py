@@ -209,6 +209,25 @@ def test_arithmetic(kron):
     assert rel((K + other).to_dense(), D + torch.eye(K.size, dtype=torch.float64)) < TOL
 
 
+def test_sums_that_stay_kronecker_keep_factored_damping(kron):
+    """EigenKron sums sharing a factor are one Kronecker product: their factored modes agree with the
+    Kron of the summed factor; sums sharing neither factor have no factored damping and say so."""
+    K, _ = kron
+    E = K.eigen()
+    g = torch.randn(K.size, dtype=torch.float64)
+    double = E + E  # = A ⊗ 2G
+    ref = Kron(K.A, 2 * K.G, K.bias)
+    for mode in ("factored", "pi", "trace"):
+        assert rel(double.solve(g, 0.3, mode=mode), ref.solve(g, 0.3, mode=mode)) < 1e-10
+    diff = (3 * E) - E  # = A ⊗ 2G again
+    assert rel(diff.solve(g, 0.3, mode="factored"), ref.solve(g, 0.3, mode="factored")) < 1e-10
+    shifted = EigenKron(E.Q_A, E.Q_G, E.S, K.bias, (E.factor_eigenvalues[0] + 1, E.factor_eigenvalues[1] + 1))
+    mixed = E + shifted  # shares neither factor: not a Kronecker product
+    assert rel(mixed.to_dense(), E.to_dense() + shifted.to_dense()) < TOL
+    with pytest.raises(ValueError):
+        mixed.solve(g, 0.3, mode="factored")
+
+
 def test_float32():
     A, G = spd(4, 1).float(), spd(3, 2).float()
     K = Kron(A, G, bias=True)
