@@ -67,6 +67,20 @@ def materialise(make_op, P, dtype, chunk=64):
     return out
 
 
+def survey_row(prob, unit: float, repeats: int) -> list[str]:
+    """The cost of verifying the fast paths' precondition (curvlab.layers.survey: one traced forward
+    pass and one backward pass), recomputed from scratch each time, in multiples of one gradient."""
+    from curvlab.layers import survey
+
+    def fresh():
+        prob.structure_cache.pop("survey", None)
+        return survey(prob)
+
+    fresh()
+    t = median_time(fresh, max(5, repeats))
+    return ["layer survey", "curvlab", fmt_seconds(t), f"{t / unit:.1f}x", "-", "-", "-", "-"]
+
+
 def bench_problem(prob, name: str, args, rate: float, dtype) -> None:
     """Time, memory and agreement of the three dense quantities on one problem; print the table."""
     import curvlab as cl
@@ -89,7 +103,7 @@ def bench_problem(prob, name: str, args, rate: float, dtype) -> None:
         "ef": ("vmap(grad) G^T G", lambda: reference.empirical_fisher(prob)),
     }
     peers = None if args.no_peers else curvlinops_ops(prob)
-    rows = []
+    rows = [survey_row(prob, unit, args.repeats)]
     for fn in ours.values():  # one warm-up each: one-time allocations of the process are charged to none
         fn()
     for q, fn in ours.items():

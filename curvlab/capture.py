@@ -23,15 +23,14 @@ independently (no batch statistics): :class:`~curvlab.Problem` rejects batch nor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.nn import functional as F
 
+from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
 
 __all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
@@ -154,67 +153,14 @@ def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 
     raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
 
 
-def _linear_io(module: nn.Linear, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    n = inp.shape[0]
-    return inp.reshape(n, -1, inp.shape[-1]), out
-
-
-def _linear_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, ..., d_out) -> (k, N, T, d_out)
-    t = math.prod(out_grad.shape[2:-1])  # explicit (not -1): k may be 0
-    return out_grad.reshape(out_grad.shape[0], n, t, out_grad.shape[-1])
-
-
-def _conv_io(module: nn.Conv2d, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    patches = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                       stride=module.stride)  # (N, C·kh·kw, L)
-    return patches.transpose(1, 2), out
-
-
-def _conv_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, d_out, H, W) -> (k, N, L, d_out)
-    k, _, d_out = out_grad.shape[:3]
-    return out_grad.reshape(k, n, d_out, math.prod(out_grad.shape[3:])).transpose(2, 3)
-
-
-def _conv_supported(m: nn.Conv2d) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-_RULES: dict[type, tuple[str, Callable, Callable, Callable[[nn.Module], bool]]] = {
-    nn.Linear: ("linear", _linear_io, _linear_grad, lambda m: True),
-    nn.Conv2d: ("conv2d", _conv_io, _conv_grad, _conv_supported),
-}
-
-
 def supported_layers(prob: Problem) -> dict[str, nn.Module]:
     """Modules whose trainable parameters get the structured (a, g) treatment, by module name.
 
-    A module qualifies when its type has a rule (``nn.Linear``, ``nn.Conv2d`` with groups=1 and
-    zero padding), its weight is trainable, its trainable tensors are exactly weight (and bias)
-    in that order in θ, and it is not shared under another name.
+    The verified layers of :func:`curvlab.layers.survey`: ``nn.Linear`` and ``nn.Conv2d`` (groups=1,
+    zero padding) whose weight and bias are trainable, sit in θ as weight then bias, and reach the
+    loss only through one call of the module (checked by tracing and by a gradient comparison).
     """
-    if "supported_layers" in prob.structure_cache:
-        return dict(prob.structure_cache["supported_layers"])
-    names = set(prob.param_names)
-    order = {n: i for i, n in enumerate(prob.param_names)}
-    counts: dict[int, int] = {}
-    for _, m in prob.model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    found: dict[str, nn.Module] = {}
-    for mname, m in prob.model.named_modules():
-        rule = _RULES.get(type(m))
-        if rule is None or not rule[3](m) or counts[id(m)] > 1:
-            continue
-        prefix = f"{mname}." if mname else ""
-        w, b = prefix + "weight", prefix + "bias"
-        if w not in names:
-            continue
-        own = [n for n, _ in m.named_parameters(prefix=mname, recurse=False) if n in names]
-        expected = [w] + ([b] if b in names else [])
-        if own != expected or (len(expected) == 2 and order[b] != order[w] + 1):
-            continue
-        found[mname] = m
-    prob.structure_cache["supported_layers"] = dict(found)
-    return found
+    return structured_layers(prob)
 
 
 def per_sample_jacobian_rows(prob: Problem, theta: Tensor, names: list[str], U: Tensor,
@@ -298,14 +244,14 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
         else:
             grads = torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
         for (name, m), z, gz in zip(layers.items(), zs, grads):
-            kind, io, to_g, _ = _RULES[type(m)]
-            a, _ = io(m, records[name][0][0], z)
+            rule = RULES[type(m)]
+            a = rule.inputs(m, records[name][0][0])
             if gz is None:
                 gz = torch.zeros((U.shape[0], *z.shape), dtype=z.dtype, device=z.device)
             prefix = f"{name}." if name else ""
             bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
-            pieces.append(LayerIO(name, m, kind, prefix + "weight", bias,
-                                  prob.param_slices[prefix + "weight"].start, a, to_g(gz, n)))
+            pieces.append(LayerIO(name, m, rule.kind, prefix + "weight", bias,
+                                  prob.param_slices[prefix + "weight"].start, a, rule.grads(gz, n)))
     covered = {p for piece in pieces for p in ([piece.weight] + ([piece.bias] if piece.bias else []))}
     rest = [p for p in prob.param_names if p not in covered]
     if rest and generic:

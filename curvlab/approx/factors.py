@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from curvlab.capture import FISHER_TYPES, Capture, LayerIO, capture, output_cotangents, supported_layers
 from curvlab.exact.outer import block_from_capture
+from curvlab.layers import survey
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Block, Partition, Problem
 
@@ -223,23 +224,18 @@ class Collection:
         return block_from_capture(self.cap, Partition([block])).blocks[0]
 
 
-def _owner_types(prob: Problem) -> dict[str, str]:
+def _unsupported_error(prob: Problem, names: list[str], method: str) -> ValueError:
+    sv = survey(prob)
     mods = dict(prob.model.named_modules())
-    out = {}
-    for n in prob.param_names:
-        owner = n.rsplit(".", 1)[0] if "." in n else ""
-        out[n] = type(mods.get(owner, prob.model)).__name__
-    return out
 
+    def owner(n: str) -> str:
+        return type(mods.get(n.rsplit(".", 1)[0] if "." in n else "", prob.model)).__name__
 
-def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str]) -> ValueError:
-    types = _owner_types(prob)
-    listed = ", ".join(f"{n!r} ({types[n]}{', applied more than once per forward pass' if n in reused else ''})"
-                       for n in names)
+    listed = "; ".join(f"{n!r} ({owner(n)}) — {sv.reason(n)}" for n in names)
     return ValueError(
         f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
-        f"each applied once per forward pass); these parameters are not: {listed}. Pass "
-        f"unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+        f"each reaching the loss only through one call of its module); these parameters are not: {listed}. "
+        f"Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
         f"instead, or freeze them (requires_grad=False).")
 
 
@@ -268,20 +264,16 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
         cot = output_cotangents(prob, fisher, mc_samples, seed)
 
     layers = supported_layers(prob)
-    pre_covered: set[str] = set()
-    for mname in layers:
-        prefix = f"{mname}." if mname else ""
-        pre_covered.update(n for n in (prefix + "weight", prefix + "bias") if n in prob.param_slices)
-    missing = [n for n in prob.param_names if n not in pre_covered]
+    missing = survey(prob).generic_parameters(prob.param_names)
     if missing and unsupported == "error":
-        raise _unsupported_error(prob, missing, method, set())
+        raise _unsupported_error(prob, missing, method)
 
     cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
     covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
     missing = [n for n in prob.param_names if n not in covered]
-    if missing and unsupported == "error":  # layers applied several times fall back to generic rows
-        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered)
+    if missing and unsupported == "error":  # a layer called a different number of times on these data
+        raise _unsupported_error(prob, missing, method)
 
     plans = []
     for block in prob.partition:

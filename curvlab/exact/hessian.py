@@ -23,6 +23,7 @@ from curvlab import memory
 from curvlab.exact.conv_gemm import ConvAsGemm
 from curvlab.exact.hessian_layers import LayerCurvature, layer_curvature, pair_block, single_use_linear_layers
 from curvlab.exact.outer import symmetrize_
+from curvlab.layers import survey
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Problem
 
@@ -30,22 +31,9 @@ __all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk", "a
 
 
 def activation_count(prob: Problem) -> int:
-    """Entries of every leaf module's output over the whole batch (one forward pass, no grad):
-    what one tangent or cotangent costs to push through the network."""
-    acts = [0]
-
-    def hook(_m, _i, o):
-        if isinstance(o, Tensor):
-            acts[0] += o.numel()
-
-    handles = [m.register_forward_hook(hook) for m in prob.model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            prob.output()
-    finally:
-        for h in handles:
-            h.remove()
-    return acts[0]
+    """Entries of every leaf module's output over the whole batch (from the cached survey of the
+    model): what one tangent or cotangent costs to push through the network."""
+    return int(round(survey(prob).activations_per_sample * prob.num_samples))
 
 
 def default_chunk(prob: Problem) -> int:

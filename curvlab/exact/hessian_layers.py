@@ -26,33 +26,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from curvlab.exact.outer import _CHUNK_BYTES
+from curvlab.layers import survey
 from curvlab.problem import Problem
 
 __all__ = ["single_use_linear_layers", "LayerCurvature", "layer_curvature", "pair_block"]
 
 
 def single_use_linear_layers(prob: Problem, theta: Tensor | None = None) -> dict[str, nn.Linear]:
-    """``nn.Linear`` layers (trainable weight, weight then bias in θ) applied once per forward to
-    (N, d_in) inputs — the layers whose Hessian blocks :func:`pair_block` computes."""
-    from curvlab.capture import supported_layers
-
-    cands = {k: m for k, m in supported_layers(prob).items() if type(m) is nn.Linear}
-    calls: dict[str, list[int]] = {k: [] for k in cands}
-
-    def mk(name: str):
-        def hook(_m, inp, _out):
-            calls[name].append(inp[0].ndim)
-
-        return hook
-
-    hs = [m.register_forward_hook(mk(k)) for k, m in cands.items()]
-    try:
-        with torch.no_grad():
-            prob.output(theta)
-    finally:
-        for h in hs:
-            h.remove()
-    return {k: m for k, m in cands.items() if calls[k] == [2]}
+    """The verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in)
+    inputs — the layers whose Hessian blocks :func:`pair_block` computes. ``theta`` is accepted for
+    compatibility; the survey is structural and cached on the problem."""
+    return {k: L.module for k, L in survey(prob).layers.items() if L.single_position}
 
 
 class LayerCurvature:
