@@ -21,15 +21,19 @@ Fisher, its Monte-Carlo estimate, the empirical Fisher); ``approx`` ∈ {"expand
 treatment of weight sharing. ``C.direction(g, λ, mode)`` gives the update under any damping rule
 (``"exact"``, ``"factored"``, ``"pi"``, ``"trace"``, ``"own"``); ``C.solve(g, λ)`` is always the
 exact (C + λI)⁻¹g.
+
+``grouped_newton`` (Wolinski's GroupedNewton) is not a matrix over θ: it returns a
+:class:`GroupedSummary` (S×S H̄, S-vector ḡ, order-3 D over a partition) and per-subset learning rates.
 """
 
 from curvlab.approx.base import MODES, Approximation
 from curvlab.approx.ekfac import ekfac
 from curvlab.approx.factors import APPROXIMATIONS, FISHER_TYPES
 from curvlab.approx.foof import foof
+from curvlab.approx.grouped_newton import GroupedSummary, LearningRates, cubic_learning_rates, grouped_newton
 from curvlab.approx.kfac import kfac
 from curvlab.approx.kfoc import kfoc
 from curvlab.approx.tkfac import tekfac, tkfac
 
 __all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
-           "APPROXIMATIONS"]
+           "APPROXIMATIONS", "grouped_newton", "GroupedSummary", "LearningRates", "cubic_learning_rates"]
