@@ -232,22 +232,26 @@ def _owner_types(prob: Problem) -> dict[str, str]:
     return out
 
 
-def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str]) -> ValueError:
+def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str],
+                       offer_exact: bool = True) -> ValueError:
     types = _owner_types(prob)
     listed = ", ".join(f"{n!r} ({types[n]}{', applied more than once per forward pass' if n in reused else ''})"
                        for n in names)
+    fix = ("Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+           "instead, or freeze them" if offer_exact else "Freeze them")
     return ValueError(
         f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
-        f"each applied once per forward pass); these parameters are not: {listed}. Pass "
-        f"unsupported='exact' to take the blocks that contain them from the oracle's exact block "
-        f"instead, or freeze them (requires_grad=False).")
+        f"each applied once per forward pass); these parameters are not: {listed}. {fix} "
+        f"(requires_grad=False).")
 
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
-            unsupported: str = "error", method: str = "kfac") -> Collection:
+            unsupported: str = "error", method: str = "kfac", exact_option: bool = True) -> Collection:
     """One forward and one batched backward pass; a Kronecker plan for every partition block.
 
     ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
+    ``exact_option=False``: the method has no ``unsupported="exact"`` fallback, so the error for
+    unsupported parameters does not suggest it (always so for ``fisher=None``).
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
@@ -272,16 +276,17 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     for mname in layers:
         prefix = f"{mname}." if mname else ""
         pre_covered.update(n for n in (prefix + "weight", prefix + "bias") if n in prob.param_slices)
+    offer_exact = exact_option and fisher is not None
     missing = [n for n in prob.param_names if n not in pre_covered]
     if missing and unsupported == "error":
-        raise _unsupported_error(prob, missing, method, set())
+        raise _unsupported_error(prob, missing, method, set(), offer_exact)
 
     cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
     covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
     missing = [n for n in prob.param_names if n not in covered]
     if missing and unsupported == "error":  # layers applied several times fall back to generic rows
-        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered)
+        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered, offer_exact)
 
     plans = []
     for block in prob.partition:
