@@ -27,9 +27,22 @@ from curvlab.approx.base import MODES, Approximation
 from curvlab.approx.ekfac import ekfac
 from curvlab.approx.factors import APPROXIMATIONS, FISHER_TYPES
 from curvlab.approx.foof import foof
+from curvlab.approx.kbfgs import (
+    KBFGS,
+    KBFGSLayerState,
+    KBFGSStatistics,
+    LBFGSMemory,
+    bfgs_inverse_update,
+    bfgs_skip_reason,
+    double_damping,
+    kbfgs_statistics,
+    lm_damping,
+    powell_damping,
+)
 from curvlab.approx.kfac import kfac
 from curvlab.approx.kfoc import kfoc
 from curvlab.approx.tkfac import tekfac, tkfac
 
 __all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
-           "APPROXIMATIONS"]
+           "APPROXIMATIONS", "KBFGS", "KBFGSLayerState", "KBFGSStatistics", "LBFGSMemory", "kbfgs_statistics",
+           "bfgs_inverse_update", "powell_damping", "lm_damping", "double_damping", "bfgs_skip_reason"]
