@@ -31,9 +31,23 @@ from curvlab.approx.ekfac import ekfac
 from curvlab.approx.factors import APPROXIMATIONS, FISHER_TYPES
 from curvlab.approx.foof import foof
 from curvlab.approx.grouped_newton import GroupedSummary, LearningRates, cubic_learning_rates, grouped_newton
+from curvlab.approx.kbfgs import (
+    KBFGS,
+    KBFGSLayerState,
+    KBFGSStatistics,
+    LBFGSMemory,
+    bfgs_inverse_update,
+    bfgs_skip_reason,
+    double_damping,
+    kbfgs_statistics,
+    lm_damping,
+    powell_damping,
+)
 from curvlab.approx.kfac import kfac
 from curvlab.approx.kfoc import kfoc
 from curvlab.approx.tkfac import tekfac, tkfac
 
 __all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
-           "APPROXIMATIONS", "grouped_newton", "GroupedSummary", "LearningRates", "cubic_learning_rates"]
+           "APPROXIMATIONS", "grouped_newton", "GroupedSummary", "LearningRates", "cubic_learning_rates",
+           "KBFGS", "KBFGSLayerState", "KBFGSStatistics", "LBFGSMemory", "kbfgs_statistics",
+           "bfgs_inverse_update", "powell_damping", "lm_damping", "double_damping", "bfgs_skip_reason"]

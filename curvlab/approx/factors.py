@@ -224,7 +224,7 @@ class Collection:
         return block_from_capture(self.cap, Partition([block])).blocks[0]
 
 
-def _unsupported_error(prob: Problem, names: list[str], method: str) -> ValueError:
+def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact: bool = True) -> ValueError:
     sv = survey(prob)
     mods = dict(prob.model.named_modules())
 
@@ -232,18 +232,21 @@ def _unsupported_error(prob: Problem, names: list[str], method: str) -> ValueErr
         return type(mods.get(n.rsplit(".", 1)[0] if "." in n else "", prob.model)).__name__
 
     listed = "; ".join(f"{n!r} ({owner(n)}) — {sv.reason(n)}" for n in names)
+    fix = ("Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+           "instead, or freeze them" if offer_exact else "Freeze them")
     return ValueError(
         f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
         f"each reaching the loss only through one call of its module); these parameters are not: {listed}. "
-        f"Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
-        f"instead, or freeze them (requires_grad=False).")
+        f"{fix} (requires_grad=False).")
 
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
-            unsupported: str = "error", method: str = "kfac") -> Collection:
+            unsupported: str = "error", method: str = "kfac", exact_option: bool = True) -> Collection:
     """One forward and one batched backward pass; a Kronecker plan for every partition block.
 
     ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
+    ``exact_option=False``: the method has no ``unsupported="exact"`` fallback, so the error for
+    unsupported parameters does not suggest it (always so for ``fisher=None``).
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
@@ -264,16 +267,17 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
         cot = output_cotangents(prob, fisher, mc_samples, seed)
 
     layers = supported_layers(prob)
+    offer_exact = exact_option and fisher is not None
     missing = survey(prob).generic_parameters(prob.param_names)
     if missing and unsupported == "error":
-        raise _unsupported_error(prob, missing, method)
+        raise _unsupported_error(prob, missing, method, offer_exact)
 
     cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
     covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
     missing = [n for n in prob.param_names if n not in covered]
     if missing and unsupported == "error":  # a layer called a different number of times on these data
-        raise _unsupported_error(prob, missing, method)
+        raise _unsupported_error(prob, missing, method, offer_exact)
 
     plans = []
     for block in prob.partition:
