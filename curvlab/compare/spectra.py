@@ -25,32 +25,15 @@ Note: when λ_k = λ_{k+1} the top-k eigenspace is not unique and the overlap is
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Diagonal, Eigh
+from curvlab.linalg import DENSE_EIGH_LIMIT, CurvatureMatrix, Eigh
 
 __all__ = ["eigenvalues", "top_eigen", "subspace_overlap", "wasserstein", "spectra", "SpectralComparison",
-           "fraction_below", "negative_mass", "register_top_eigen", "DENSE_EIGH_LIMIT"]
-
-#: below this size a dense matrix's top-k pairs come from a (cached) full ``eigh``; above, from Lanczos
-DENSE_EIGH_LIMIT = 2000
-
-_TopRule = Callable[[CurvatureMatrix, int], "Eigh | None"]
-_TOP_RULES: list[_TopRule] = []
-_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def register_top_eigen(rule: _TopRule) -> _TopRule:
-    """Add a structural rule ``rule(C, k) -> Eigh (descending, k pairs) or None`` for :func:`top_eigen`."""
-    _TOP_RULES.append(rule)
-    return rule
-
+           "fraction_below", "negative_mass", "DENSE_EIGH_LIMIT"]
 
 def _check_matrix(C: object, what: str) -> None:
     if not isinstance(C, CurvatureMatrix):
@@ -74,81 +57,15 @@ def eigenvalues(C: CurvatureMatrix, descending: bool = True) -> Tensor:
     return torch.flip(w, (0,)) if descending else w
 
 
-def _cached_eigh(C: CurvatureMatrix) -> Eigh | None:
-    cache = getattr(C, "_cache", None)
-    return cache.get("eigh") if isinstance(cache, dict) else None
-
-
-def _from_full(e: Eigh, k: int) -> Eigh:
-    w, Q = e
-    return Eigh(torch.flip(w[-k:], (0,)), torch.flip(Q[:, -k:], (1,)))
-
-
 def top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
     """The k algebraically largest eigenpairs of C: values (k,) descending, vectors (P, k) orthonormal.
 
-    Computed once per (matrix, k) and cached (a cached larger k is sliced). Strategy, cheapest first:
-    a cached full ``eigh``; Diagonal → the k largest entries; BlockDiagonal → the top k of every
-    block, merged; registered structural rules (Kronecker factors); a matrix of size ≤
-    :data:`DENSE_EIGH_LIMIT` or with k ≥ P/3 → its (cached) full ``eigh``; else Lanczos
-    (``scipy.sparse.linalg.eigsh``, which="LA") on the dense array or on ``C.as_linear_operator()``.
+    ``C.top_eigen(k)``: computed once per (matrix, k) and cached; a cached full ``eigh``, the structure's
+    own rule (per block, per Kronecker factor, from a low-rank Gram), a full ``eigh`` for small matrices,
+    else Lanczos (ARPACK ``eigsh``) — see :class:`curvlab.linalg.CurvatureMatrix`.
     """
-    if not isinstance(C, CurvatureMatrix):
-        raise TypeError(f"top_eigen needs a CurvatureMatrix; got {type(C).__name__}")
-    k = int(k)
-    if not 1 <= k <= C.size:
-        raise ValueError(f"k must be in [1, {C.size}]; got {k}")
-    memo = _TOP.setdefault(C, {})
-    if k in memo:
-        return memo[k]
-    for kk in sorted(memo):
-        if kk >= k:
-            w, Q = memo[kk]
-            return Eigh(w[:k], Q[:, :k])
-    out = _top_eigen(C, k)
-    memo[k] = out
-    return out
-
-
-def _top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
-    cached = _cached_eigh(C)
-    if cached is not None:
-        return _from_full(cached, k)
-    if isinstance(C, Diagonal):
-        w, idx = torch.topk(C.diag, k)
-        Q = torch.zeros(C.size, k, dtype=C.dtype, device=C.device)
-        Q[idx, torch.arange(k, device=C.device)] = 1.0
-        return Eigh(w, Q)
-    if isinstance(C, BlockDiagonal):
-        values, owners = [], []
-        parts = []
-        for b, s in zip(C.blocks, C.block_slices):
-            wb, Qb = top_eigen(b, min(k, b.size))
-            parts.append((s, Qb))
-            values.append(wb)
-            owners.extend((len(parts) - 1, j) for j in range(wb.shape[0]))
-        w = torch.cat(values)
-        w, order = torch.sort(w, descending=True)
-        w = w[:k]
-        Q = torch.zeros(C.size, k, dtype=C.dtype, device=C.device)
-        for col, i in enumerate(order[:k].tolist()):
-            p, j = owners[i]
-            s, Qb = parts[p]
-            Q[s, col] = Qb[:, j]
-        return Eigh(w, Q)
-    for rule in _TOP_RULES:
-        out = rule(C, k)
-        if out is not None:
-            return out
-    if C.size <= DENSE_EIGH_LIMIT or 3 * k >= C.size:
-        return _from_full(C.eigh(), k)
-    from scipy.sparse.linalg import eigsh
-
-    op = C.matrix.detach().cpu().numpy() if isinstance(C, Dense) else C.as_linear_operator()
-    w, Q = eigsh(op, k=k, which="LA")
-    order = np.argsort(w)[::-1].copy()
-    return Eigh(torch.as_tensor(w[order], dtype=C.dtype, device=C.device),
-                torch.as_tensor(Q[:, order], dtype=C.dtype, device=C.device))
+    _check_matrix(C, "C")
+    return C.top_eigen(k)
 
 
 def subspace_overlap(U: Tensor, V: Tensor) -> tuple[float, Tensor]:

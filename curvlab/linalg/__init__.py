@@ -3,11 +3,13 @@
 Nothing in this package knows about networks: these are symmetric matrices over a flat vector.
 """
 
-from curvlab.linalg.base import CurvatureMatrix, Eigh
+from curvlab.linalg.base import DENSE_EIGH_LIMIT, CurvatureMatrix, Eigh, check_damping
 from curvlab.linalg.block import BlockDiagonal
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.diagonal import Diagonal
-from curvlab.linalg.kron import EigenKron, Kron
+from curvlab.linalg.kron import EigenKron, Kron, KroneckerFactored
+from curvlab.linalg.layout import KronLayout
 from curvlab.linalg.operator import MatrixFree
 
-__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron"]
+__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron",
+           "KroneckerFactored", "KronLayout", "check_damping", "DENSE_EIGH_LIMIT"]

@@ -1,14 +1,21 @@
-"""A block-diagonal curvature matrix whose blocks are any CurvatureMatrix."""
+"""A block-diagonal curvature matrix whose blocks are any CurvatureMatrix.
+
+Its damping modes are the modes every block supports (a block-diagonal of Kronecker blocks has
+their factored modes; one dense block among them leaves only ``"exact"``). A subclass may widen this
+(:attr:`BlockDiagonal.exact_fallback`): then a mode any block supports is accepted, and a block
+without it takes exact damping with the same scalar λ — a damping pair (λ_A, λ_G), which only
+Kronecker factors can take, raises for such a block.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from curvlab import memory
-from curvlab.linalg.base import CurvatureMatrix, Eigh
+from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh
 
 __all__ = ["BlockDiagonal"]
 
@@ -16,10 +23,15 @@ __all__ = ["BlockDiagonal"]
 class BlockDiagonal(CurvatureMatrix):
     """C = blockdiag(C_1, …, C_B) over consecutive ranges of the parameter vector.
 
+    ``exact_fallback`` (class attribute, False here): whether blocks without a requested damping mode
+    take exact damping instead of the mode being refused (see the module docstring).
+
     Every operation works block by block (a solve is B small solves, the spectrum is the union of
     the blocks' spectra); only :meth:`to_dense` and :meth:`eigh` (whose eigenvectors are P×P)
     allocate a P×P tensor.
     """
+
+    exact_fallback = False
 
     def __init__(self, blocks: Sequence[CurvatureMatrix], names: Sequence[str] | None = None) -> None:
         blocks = tuple(blocks)
@@ -39,6 +51,12 @@ class BlockDiagonal(CurvatureMatrix):
         if len(names) != len(blocks):
             raise ValueError(f"{len(names)} names for {len(blocks)} blocks")
         self._names = names
+        union = tuple(dict.fromkeys(m for b in blocks for m in ("exact", *b.modes)))
+        pairs = tuple(dict.fromkeys(m for b in blocks for m in b.pair_modes))
+        if not self.exact_fallback:
+            union = tuple(m for m in union if m == "exact" or all(m in b.modes for b in blocks))
+            pairs = tuple(m for m in pairs if all(m in b.pair_modes for b in blocks))
+        self.modes, self.pair_modes = union, pairs
 
     @property
     def structure(self) -> str:
@@ -80,16 +98,37 @@ class BlockDiagonal(CurvatureMatrix):
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         return self._map(V, lambda b, v: b._solve(v, damping))
 
-    def direction(self, g: Tensor, damping: float = 0.0, mode: str = "exact") -> Tensor:
-        """Each block's own update direction for its slice of g (modes as the blocks define them)."""
-        if mode == "exact":
-            return super().direction(g, damping, mode)
-        if g.shape != (self.size,):
-            raise ValueError(f"g must have shape ({self.size},); got {tuple(g.shape)}")
-        return torch.cat([b.direction(g[s], damping, mode) for b, s in zip(self._blocks, self._slices)])
-
     def _inverse(self, damping: float) -> CurvatureMatrix:
         return BlockDiagonal([b._inverse(damping) for b in self._blocks], self._names)
+
+    def _per_block(self, b: CurvatureMatrix, damping: Damping, mode: str, name: str,
+                   own: Callable, exact: Callable):
+        """Apply a damped operation to block b: its own ``mode`` if it has it, else exact damping."""
+        if mode in b.modes:
+            return own(b, b.check_damping(damping, mode))
+        if isinstance(damping, tuple):
+            raise ValueError(f"block {name!r} ({type(b).__name__}) has no damping mode {mode!r} and takes exact "
+                             f"damping with a scalar λ; the pair {damping!r} applies only to Kronecker factors: "
+                             "pass a scalar damping")
+        return exact(b, damping)
+
+    def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
+        out = []
+        for b, s, n in zip(self._blocks, self._slices, self._names):
+            v = V[s]
+            out.append(self._per_block(b, damping, mode, n, lambda b, d, v=v: b._solve_mode(v, d, mode),
+                                       lambda b, d, v=v: b._solve(v, d)))
+        return torch.cat(out, dim=0)
+
+    def _inverse_mode(self, damping: Damping, mode: str) -> CurvatureMatrix:
+        return BlockDiagonal([self._per_block(b, damping, mode, n, lambda b, d: b._inverse_mode(d, mode),
+                                              lambda b, d: b._inverse(d))
+                              for b, n in zip(self._blocks, self._names)], self._names)
+
+    def _logdet_mode(self, damping: Damping, mode: str) -> Tensor:
+        return sum(self._per_block(b, damping, mode, n, lambda b, d: b._logdet_mode(d, mode),
+                                   lambda b, d: b._logdet(d))
+                   for b, n in zip(self._blocks, self._names))
 
     def _eigh(self) -> Eigh:
         values, vectors = [], torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -110,8 +149,8 @@ class BlockDiagonal(CurvatureMatrix):
     def trace(self) -> Tensor:
         return sum(b.trace() for b in self._blocks)
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        return sum(b.logdet(damping) for b in self._blocks)
+    def _logdet(self, damping: float) -> Tensor:
+        return sum(b._logdet(damping) for b in self._blocks)
 
     def frobenius_norm(self) -> Tensor:
         return torch.sqrt(sum(b.frobenius_norm() ** 2 for b in self._blocks))
@@ -128,3 +167,47 @@ class BlockDiagonal(CurvatureMatrix):
             return BlockDiagonal([a._combine(Diagonal(other.diag[s]), sign)
                                   for a, s in zip(self._blocks, self._slices)], self._names)
         return None
+
+    # -- structural hooks ------------------------------------------------------------------------
+    def _inner(self, other: CurvatureMatrix) -> Tensor:
+        """⟨blockdiag(A_b), B⟩ = Σ_b ⟨A_b, B_bb⟩: only B's diagonal blocks."""
+        if len(self._blocks) == 1:
+            return self._blocks[0].inner(other)
+        return sum(a.inner(other.restrict(s)) for a, s in zip(self._blocks, self._slices))
+
+    def _difference_norm(self, other: CurvatureMatrix) -> Tensor:
+        """‖A − B‖² = Σ_b ‖A_b − B_bb‖² + ‖offdiag(B)‖²."""
+        if len(self._blocks) == 1:
+            return self._blocks[0].difference_norm(other)
+        sq = sum(a.difference_norm(other.restrict(s)) ** 2 for a, s in zip(self._blocks, self._slices))
+        return torch.sqrt(sq + other.offblock_sq(self._slices))
+
+    def _offblock_sq(self, slices) -> Tensor | None:
+        if list(slices) == list(self._slices):
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return None
+
+    def _restrict(self, s: slice) -> CurvatureMatrix:
+        pieces, names = [], []
+        for b, bs, name in zip(self._blocks, self._slices, self._names):
+            lo, hi = max(s.start, bs.start), min(s.stop, bs.stop)
+            if lo < hi:
+                pieces.append(b.restrict(slice(lo - bs.start, hi - bs.start)))
+                names.append(name)
+        return pieces[0] if len(pieces) == 1 else BlockDiagonal(pieces, names)
+
+    def _top_eigen(self, k: int) -> Eigh:
+        """The top k of every block, merged."""
+        values, owners, parts = [], [], []
+        for b, s in zip(self._blocks, self._slices):
+            wb, Qb = b.top_eigen(min(k, b.size))
+            parts.append((s, Qb))
+            values.append(wb)
+            owners.extend((len(parts) - 1, j) for j in range(wb.shape[0]))
+        w, order = torch.sort(torch.cat(values), descending=True)
+        Q = torch.zeros(self.size, k, dtype=self.dtype, device=self.device)
+        for col, i in enumerate(order[:k].tolist()):
+            p, j = owners[i]
+            s, Qb = parts[p]
+            Q[s, col] = Qb[:, j]
+        return Eigh(w[:k], Q)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from curvlab.linalg.base import CurvatureMatrix, Eigh, _check_damping
+from curvlab.linalg.base import CurvatureMatrix, Eigh, singular_tolerance
 
 __all__ = ["Dense"]
 
@@ -15,7 +17,8 @@ class Dense(CurvatureMatrix):
 
     ``solve`` factorises C + λI once per damping (Cholesky when positive definite, otherwise an
     LU factorisation, e.g. for an indefinite Hessian) and keeps the factor for later solves; when
-    the eigendecomposition is already cached it is used instead.
+    the eigendecomposition is already cached it is used instead. A damped system whose smallest
+    pivot (or eigenvalue) is below P·ε·max|C_ij| is numerically singular and raises.
     """
 
     def __init__(self, matrix: Tensor, symmetrize: bool = False) -> None:
@@ -34,18 +37,31 @@ class Dense(CurvatureMatrix):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.matrix @ V
 
+    def _columns(self, j: int, k: int) -> Tensor:
+        return self.matrix[:, j:k]
+
+    def _lanczos_operand(self) -> Any:
+        return self.matrix.detach().cpu().numpy()
+
+    def _scale(self) -> float:
+        if "scale" not in self._cache:
+            self._cache["scale"] = float(self.matrix.abs().max()) if self.size else 0.0
+        return self._cache["scale"]
+
     def _factor(self, damping: float) -> tuple[str, Tensor, Tensor | None]:
         key = ("factor", damping)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if not (isinstance(k, tuple) and k[0] == "factor")}
             M = self.matrix + damping * torch.eye(self.size, dtype=self.dtype, device=self.device)
+            tol = singular_tolerance(self._scale() + damping, self.size, self.dtype)
             L, info = torch.linalg.cholesky_ex(M)
-            if int(info) == 0:
+            if int(info) == 0 and float(L.diagonal().min()) ** 2 > tol:
                 self._cache[key] = ("cholesky", L, None)
             else:
                 LU, piv, info = torch.linalg.lu_factor_ex(M)
-                if int(info) != 0:
-                    raise ValueError(f"C + {damping}·I is singular; increase the damping")
+                smallest = float(LU.diagonal().abs().min())
+                if int(info) != 0 or smallest <= tol:
+                    raise self.singular_error(damping, smallest)
                 self._cache[key] = ("lu", LU, piv)
         return self._cache[key]
 
@@ -53,8 +69,9 @@ class Dense(CurvatureMatrix):
         if "eigh" in self._cache:
             w, Q = self._cache["eigh"]
             d = w + damping
-            if bool((d == 0).any()):
-                raise ValueError(f"C + {damping}·I is singular; increase the damping")
+            smallest = float(d.abs().min())
+            if smallest <= singular_tolerance(float(w.abs().max()) + damping, self.size, self.dtype):
+                raise self.singular_error(damping, smallest)
             return Q @ ((Q.T @ V) / d[:, None])
         kind, F, piv = self._factor(damping)
         if kind == "cholesky":
@@ -82,11 +99,13 @@ class Dense(CurvatureMatrix):
     def trace(self) -> Tensor:
         return self.matrix.diagonal().sum()
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        damping = _check_damping(damping)
+    def _logdet(self, damping: float) -> Tensor:
         if "eigh" in self._cache or "eigvalsh" in self._cache:
-            return super().logdet(damping)
-        kind, F, _ = self._factor(damping)
+            return super()._logdet(damping)
+        try:
+            kind, F, _ = self._factor(damping)
+        except ValueError:
+            kind = "singular"
         if kind != "cholesky":
             raise ValueError(f"logdet: C + {damping}·I is not positive definite; increase the damping")
         return 2.0 * torch.log(F.diagonal()).sum()
@@ -99,3 +118,26 @@ class Dense(CurvatureMatrix):
 
     def _add(self, other: CurvatureMatrix, sign: float) -> CurvatureMatrix | None:
         return Dense(self.matrix + sign * other.to_dense().to(self.dtype))
+
+    # -- structural hooks ------------------------------------------------------------------------
+    def _inner(self, other: CurvatureMatrix) -> Tensor | None:
+        if isinstance(other, Dense):
+            dtype = torch.promote_types(self.dtype, other.dtype)
+            return (self.matrix.to(dtype) * other.matrix.to(dtype)).sum()
+        return None
+
+    def _difference_norm(self, other: CurvatureMatrix) -> Tensor | None:
+        if isinstance(other, Dense):
+            dtype = torch.promote_types(self.dtype, other.dtype)
+            return torch.linalg.matrix_norm(self.matrix.to(dtype) - other.matrix.to(dtype))
+        return None
+
+    def _restrict(self, s: slice) -> CurvatureMatrix:
+        return Dense(self.matrix[s, s])
+
+    def _offblock_sq(self, slices) -> Tensor:
+        M = self.matrix
+        total = torch.zeros((), dtype=M.dtype, device=M.device)
+        for s in slices:
+            total = total + (M[s, :s.start] ** 2).sum() + (M[s, s.stop:] ** 2).sum()
+        return total

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from curvlab import memory
-from curvlab.linalg.base import CurvatureMatrix, Eigh
+from curvlab.linalg.base import CurvatureMatrix, Eigh, singular_tolerance
 
 __all__ = ["Diagonal"]
 
@@ -33,10 +33,12 @@ class Diagonal(CurvatureMatrix):
 
     def _shifted(self, damping: float) -> Tensor:
         d = self.diag + damping
-        if bool((d == 0).any()):
-            i = int((d == 0).nonzero()[0])
-            raise ValueError(f"C + {damping}·I is singular (diagonal entry {i} is {float(self.diag[i])}); "
-                             "increase the damping")
+        tol = singular_tolerance(float(self.diag.abs().max()) + damping, self.size, self.dtype) if self.size else 0
+        small = d.abs() <= tol
+        if bool(small.any()):
+            i = int(small.nonzero()[0])
+            raise ValueError(f"C + {damping}·I is singular or numerically singular (diagonal entry {i} is "
+                             f"{float(self.diag[i])}); increase the damping")
         return d
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
@@ -67,3 +69,30 @@ class Diagonal(CurvatureMatrix):
         if isinstance(other, Diagonal):
             return Diagonal(self.diag + sign * other.diag)
         return None
+
+    # -- structural hooks ------------------------------------------------------------------------
+    def _inner(self, other: CurvatureMatrix) -> Tensor:
+        """⟨diag(d), B⟩ = Σ_i d_i B_ii: only B's diagonal."""
+        dtype = torch.promote_types(self.dtype, other.dtype)
+        return (self.diag.to(dtype) * other.diagonal().to(dtype)).sum()
+
+    def _difference_norm(self, other: CurvatureMatrix) -> Tensor:
+        """‖d − diag(B)‖² + the off-diagonal mass of B."""
+        dtype = torch.promote_types(self.dtype, other.dtype)
+        dB = other.diagonal().to(dtype)
+        if isinstance(other, Diagonal):
+            return torch.linalg.vector_norm(self.diag.to(dtype) - dB)
+        off = torch.clamp(other.frobenius_norm().to(dtype) ** 2 - (dB**2).sum(), min=0.0)
+        return torch.sqrt(((self.diag.to(dtype) - dB) ** 2).sum() + off)
+
+    def _restrict(self, s: slice) -> CurvatureMatrix:
+        return Diagonal(self.diag[s])
+
+    def _offblock_sq(self, slices) -> Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+    def _top_eigen(self, k: int) -> Eigh:
+        w, idx = torch.topk(self.diag, k)
+        Q = torch.zeros(self.size, k, dtype=self.dtype, device=self.device)
+        Q[idx, torch.arange(k, device=self.device)] = 1.0
+        return Eigh(w, Q)

@@ -41,129 +41,96 @@ factored damping; for EKFAC/TEKFAC it is the natural generalisation).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from curvlab import memory
-from curvlab.linalg.base import CurvatureMatrix, Eigh, _check_damping, as_vectors
+from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh, check_damping, singular_tolerance
+from curvlab.linalg.dense import Dense
+from curvlab.linalg.layout import KronLayout
 
-__all__ = ["Kron", "EigenKron", "DAMPING_MODES", "factor_damping"]
+__all__ = ["Kron", "EigenKron", "KroneckerFactored", "DAMPING_MODES", "factor_damping"]
 
 #: the damping modes every Kronecker matrix understands
 DAMPING_MODES = ("exact", "factored", "pi", "trace")
-
-Damping = float | Sequence[float]
 
 
 def factor_damping(mode: str, damping: Damping, eig_A: Tensor, eig_G: Tensor) -> tuple[float, float]:
     """The factor dampings (λ_A, λ_G) of a factored ``mode`` (see the module docstring).
 
-    ``eig_A`` and ``eig_G`` are the eigenvalues of the input and output factors (only their sums
-    and sizes are used).
+    ``"factored"`` takes a scalar λ (λ_A = λ_G = √λ) or a pair (λ_A, λ_G); ``"pi"`` and ``"trace"`` take
+    a scalar λ ≥ 0. ``eig_A`` and ``eig_G`` are the eigenvalues of the input and output factors (only
+    their sums and sizes are used).
     """
+    if mode not in DAMPING_MODES or mode == "exact":
+        raise ValueError(f"unknown factored damping mode {mode!r}: use one of {DAMPING_MODES[1:]}")
+    damping = check_damping(damping, mode, pair=mode == "factored")
+    if isinstance(damping, tuple):
+        return damping
+    lam = damping
     if mode == "factored":
-        if isinstance(damping, (tuple, list)):
-            if len(damping) != 2:
-                raise ValueError(f"factored damping takes a scalar λ or a pair (λ_A, λ_G); got {damping!r}")
-            return _check_damping(damping[0]), _check_damping(damping[1])
-        lam = _check_damping(damping)
-        if lam < 0:
-            raise ValueError(f"factored damping with a scalar λ needs λ ≥ 0 (λ_A = λ_G = √λ); got {lam}")
         return math.sqrt(lam), math.sqrt(lam)
-    if isinstance(damping, (tuple, list)):
-        raise ValueError(f"mode {mode!r} takes a scalar damping λ; a pair (λ_A, λ_G) is for mode='factored'")
-    lam = _check_damping(damping)
-    if lam < 0:
-        raise ValueError(f"mode {mode!r} needs a damping λ ≥ 0; got {lam}")
     tr_A, tr_G = float(eig_A.sum()), float(eig_G.sum())
     if mode == "pi":
         ratio = (tr_A / eig_A.numel()) / (tr_G / eig_G.numel()) if tr_A > 0 and tr_G > 0 else 1.0
-    elif mode == "trace":
-        ratio = tr_A / tr_G if tr_A > 0 and tr_G > 0 else 1.0
     else:
-        raise ValueError(f"unknown damping mode {mode!r}: use one of {DAMPING_MODES}")
+        ratio = tr_A / tr_G if tr_A > 0 and tr_G > 0 else 1.0
     pi = math.sqrt(ratio)
     return pi * math.sqrt(lam), math.sqrt(lam) / pi
 
 
-class _KronLayout(CurvatureMatrix):
-    """Shared layout: flat vectors in parameter order ↔ p×q matrices [W b] (bias folded last)."""
+class KroneckerFactored(CurvatureMatrix):
+    """What Kron and EigenKron share: the layer's folded layout and the damping modes.
+
+    ``layout`` (:class:`~curvlab.linalg.layout.KronLayout`) converts between parameter order and the
+    folded p×q matrices X = [W b] every operation works on. Subclasses implement the damped
+    operations in the eigenbasis through ``_denominators(damping, mode)``.
+    """
+
+    modes = DAMPING_MODES
+    pair_modes = ("factored",)
 
     def __init__(self, p: int, q: int, bias: bool, dtype: torch.dtype, device: torch.device) -> None:
         if bias and q < 1:
             raise ValueError("a folded bias needs an input factor of size ≥ 1")
-        self.p, self.q, self.bias = int(p), int(q), bool(bias)
+        self.layout = KronLayout(p, q, bias)
+        self.p, self.q, self.bias = self.layout.rows, self.layout.cols, self.layout.bias
         super().__init__(self.p * self.q, dtype, device)
 
-    # -- layout --------------------------------------------------------------------------------
-    def _to_mats(self, V: Tensor) -> Tensor:
-        """(P, m) in parameter order → (m, p, q)."""
-        m = V.shape[1]
-        if not self.bias:
-            return V.T.reshape(m, self.p, self.q)
-        w = self.p * (self.q - 1)
-        W = V[:w].T.reshape(m, self.p, self.q - 1)
-        b = V[w:].T.reshape(m, self.p, 1)
-        return torch.cat([W, b], dim=2)
-
-    def _from_mats(self, X: Tensor) -> Tensor:
-        """(m, p, q) → (P, m) in parameter order."""
-        m = X.shape[0]
-        if not self.bias:
-            return X.reshape(m, -1).T
-        W = X[:, :, :-1].reshape(m, -1)
-        b = X[:, :, -1]
-        return torch.cat([W, b], dim=1).T
-
-    def _perm(self) -> Tensor:
-        """Index π with v_param = v_folded[π] (v_folded: row-major p×q)."""
-        idx = torch.arange(self.size, device=self.device).reshape(self.p, self.q)
-        if not self.bias:
-            return idx.reshape(-1)
-        return torch.cat([idx[:, :-1].reshape(-1), idx[:, -1]])
-
-    def _kron_vectors(self, Q_A: Tensor, Q_G: Tensor) -> Tensor:
+    def kron_vectors(self, Q_A: Tensor, Q_G: Tensor) -> Tensor:
         """Q_G ⊗ Q_A with rows in parameter order; column (i, j) = eigenvector of S_ij."""
         memory.check(self.shape, self.dtype, "the eigenvectors of a Kronecker block")
-        return torch.kron(Q_G, Q_A)[self._perm()]
+        return torch.kron(Q_G, Q_A)[self.layout.perm(self.device)]
 
-    @property
-    def layout(self) -> str:
+    def _describe(self) -> str:
         return f"p={self.p}, q={self.q}{' (bias folded)' if self.bias else ''}"
 
-    # -- damped operations, shared ---------------------------------------------------------------
-    def solve(self, v: Tensor, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """(K + λI)⁻¹v for ``mode="exact"``; the factored modes of the module docstring otherwise."""
-        V, one = as_vectors(v, self.size, self.dtype, self.device)
-        out = self._solve_mode(V, damping, mode)
-        return out[:, 0] if one else out
+    def same_layout(self, other: CurvatureMatrix) -> bool:
+        return isinstance(other, KroneckerFactored) and self.layout == other.layout
 
-    def direction(self, g: Tensor, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """The update −(damped K)⁻¹ g under ``mode`` (``"exact"``, ``"factored"``, ``"pi"``, ``"trace"``)."""
-        return -self.solve(g, damping, mode)
-
-    def inverse(self, damping: Damping = 0.0, mode: str = "exact") -> CurvatureMatrix:
-        """The inverse of the damped matrix under ``mode``, in Kronecker structure."""
-        return self._inverse_mode(damping, mode)
-
-    def logdet(self, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """log det of the damped matrix under ``mode``."""
-        d = self._denominators(damping, mode)
-        if bool((d <= 0).any()):
-            raise ValueError(f"logdet: the damped Kronecker block is not positive definite (smallest "
-                             f"eigenvalue {float(d.min()):.3e}); increase the damping")
-        return torch.log(d).sum()
-
+    # -- damped operations, shared: exact damping is the mode "exact" --------------------------------
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         return self._solve_mode(V, damping, "exact")
 
     def _inverse(self, damping: float) -> CurvatureMatrix:
         return self._inverse_mode(damping, "exact")
 
+    def _logdet(self, damping: float) -> Tensor:
+        return self._logdet_mode(damping, "exact")
 
-class EigenKron(_KronLayout):
+    def _logdet_mode(self, damping: Damping, mode: str) -> Tensor:
+        d = self._denominators(damping, mode)
+        if bool((d <= 0).any()):
+            raise ValueError(f"logdet: the damped Kronecker block is not positive definite (smallest "
+                             f"eigenvalue {float(d.min()):.3e}); increase the damping")
+        return torch.log(d).sum()
+
+    def _denominators(self, damping: Damping, mode: str) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class EigenKron(KroneckerFactored):
     """K = (Q_A ⊗ Q_G) diag(S) (Q_A ⊗ Q_G)ᵀ: any positive diagonal S in a Kronecker eigenbasis.
 
     Parameters
@@ -207,7 +174,7 @@ class EigenKron(_KronLayout):
         return "eigen_kron"
 
     def __repr__(self) -> str:
-        return f"EigenKron({self.layout}, dtype={str(self.dtype).replace('torch.', '')})"
+        return f"EigenKron({self._describe()}, dtype={str(self.dtype).replace('torch.', '')})"
 
     # -- primitives --------------------------------------------------------------------------------
     def _rotate(self, X: Tensor) -> Tensor:  # into the eigenbasis: Q_Gᵀ X Q_A
@@ -217,20 +184,15 @@ class EigenKron(_KronLayout):
         return self.Q_G @ Y @ self.Q_A.T
 
     def to_dense(self) -> Tensor:
-        Q = self._kron_vectors(self.Q_A, self.Q_G)
+        Q = self.kron_vectors(self.Q_A, self.Q_G)
         return (Q * self.S.reshape(-1)) @ Q.T
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._from_mats(self._unrotate(self._rotate(self._to_mats(V)) * self.S))
+        return self.layout.from_mats(self._unrotate(self._rotate(self.layout.to_mats(V)) * self.S))
 
     def _denominators(self, damping: Damping, mode: str) -> Tensor:
         if mode == "exact":
-            if isinstance(damping, (tuple, list)):
-                raise ValueError("mode='exact' takes a scalar damping λ; a pair (λ_A, λ_G) is for "
-                                 "mode='factored'")
-            return self.S + _check_damping(damping)
-        if mode not in DAMPING_MODES:
-            raise ValueError(f"unknown damping mode {mode!r}: use one of {DAMPING_MODES}")
+            return self.S + check_damping(damping, mode)
         if self.factor_eigenvalues is None:
             raise ValueError(f"damping mode {mode!r} needs the eigenvalues of the Kronecker factors, which "
                              "this EigenKron does not keep (e.g. it is an inverse); use mode='exact'")
@@ -241,15 +203,13 @@ class EigenKron(_KronLayout):
     def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
         """The damped eigenvalues, refusing (numerically) singular ones."""
         d = self._denominators(damping, mode)
-        tiny = float(self.S.abs().max()) * self.S.numel() * torch.finfo(self.dtype).eps
-        if bool((d.abs() <= tiny).any()):
-            raise ValueError(f"the damped Kronecker block is singular (damping {damping!r}, mode {mode!r}; "
-                             f"smallest damped eigenvalue {float(d.abs().min()):.3e}); increase the damping")
+        if bool((d.abs() <= singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype)).any()):
+            raise self.singular_error(damping, float(d.abs().min()), mode)
         return d
 
     def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
         d = self._checked_denominators(damping, mode)
-        return self._from_mats(self._unrotate(self._rotate(self._to_mats(V)) / d))
+        return self.layout.from_mats(self._unrotate(self._rotate(self.layout.to_mats(V)) / d))
 
     def _inverse_mode(self, damping: Damping, mode: str) -> CurvatureMatrix:
         d = self._checked_denominators(damping, mode)
@@ -257,14 +217,14 @@ class EigenKron(_KronLayout):
 
     def _eigh(self) -> Eigh:
         w, order = torch.sort(self.S.reshape(-1))
-        return Eigh(w, self._kron_vectors(self.Q_A, self.Q_G)[:, order])
+        return Eigh(w, self.kron_vectors(self.Q_A, self.Q_G)[:, order])
 
     def _eigvalsh(self) -> Tensor:
         return torch.sort(self.S.reshape(-1)).values
 
     def diagonal(self) -> Tensor:
         D = (self.Q_G**2) @ self.S @ (self.Q_A**2).T
-        return self._from_mats(D[None])[:, 0]
+        return self.layout.from_mats(D[None])[:, 0]
 
     def trace(self) -> Tensor:
         return self.S.sum()
@@ -278,7 +238,7 @@ class EigenKron(_KronLayout):
             fe = (fe[0], alpha * fe[1])
         return EigenKron(self.Q_A, self.Q_G, alpha * self.S, self.bias, fe)
 
-    def _same_basis(self, other: EigenKron) -> bool:
+    def same_basis(self, other: EigenKron) -> bool:
         if (self.p, self.q, self.bias) != (other.p, other.q, other.bias):
             return False
         same = lambda x, y: x is y or (x.shape == y.shape and bool(torch.equal(x, y)))  # noqa: E731
@@ -287,7 +247,7 @@ class EigenKron(_KronLayout):
     def _add(self, other: CurvatureMatrix, sign: float) -> CurvatureMatrix | None:
         if isinstance(other, Kron):
             other = other.eigen()
-        if isinstance(other, EigenKron) and self._same_basis(other):
+        if isinstance(other, EigenKron) and self.same_basis(other):
             return EigenKron(self.Q_A, self.Q_G, self.S + sign * other.S.to(self.dtype), self.bias,
                              self._sum_factor_eigenvalues(other, sign))
         return None
@@ -304,8 +264,35 @@ class EigenKron(_KronLayout):
             return fa[0] + sign * fb[0], fa[1]
         return None
 
+    # -- structural hooks: nothing forms A ⊗ G densely ----------------------------------------------
+    def _inner(self, other: CurvatureMatrix) -> Tensor | None:
+        """⟨Q diag(S) Qᵀ, Q' diag(S') Q'ᵀ⟩ = Σ S_ij S'_i'j' (Q_GᵀQ'_G)²_ii' (Q_AᵀQ'_A)²_jj' (⟨S, S'⟩ in one
+        basis); against a dense block, Σ_ij S_ij (Qᵀ D̃ Q)_(ij),(ij), rotating D̃ one factor at a time."""
+        if isinstance(other, Kron):
+            other = other.eigen()
+        if isinstance(other, EigenKron) and self.same_layout(other):
+            if self.same_basis(other):
+                return (self.S * other.S).sum()
+            MG = (self.Q_G.T @ other.Q_G) ** 2
+            MA = (self.Q_A.T @ other.Q_A) ** 2
+            return (self.S * (MG @ other.S @ MA.T)).sum()
+        if isinstance(other, Dense) and other.size == self.size:
+            D4 = self.layout.to_folded_order(other.to_dense().to(self.dtype)).reshape(self.p, self.q, self.p, self.q)
+            T = torch.einsum("ai,abcd->ibcd", self.Q_G, D4)
+            T = torch.einsum("ci,ibcd->ibd", self.Q_G, T)
+            T = torch.einsum("bj,ibd->ijd", self.Q_A, T)
+            return (self.S * torch.einsum("dj,ijd->ij", self.Q_A, T)).sum()
+        return None
 
-class Kron(_KronLayout):
+    def _top_eigen(self, k: int) -> Eigh:
+        """The k largest S_ij with eigenvectors q^G_i ⊗ q^A_j (only k columns are formed)."""
+        w, idx = torch.topk(self.S.reshape(-1), k)
+        i, j = idx // self.q, idx % self.q
+        V = (self.Q_G[:, i][:, None, :] * self.Q_A[:, j][None, :, :]).reshape(self.p * self.q, k)  # folded
+        return Eigh(w, V[self.layout.perm(self.device)])
+
+
+class Kron(KroneckerFactored):
     """K = A ⊗ G (papers' column-major notation) for one layer: G X A on the p×q matrix X = [W b].
 
     Parameters
@@ -335,7 +322,7 @@ class Kron(_KronLayout):
         return "kron"
 
     def __repr__(self) -> str:
-        return f"Kron({self.layout}, dtype={str(self.dtype).replace('torch.', '')})"
+        return f"Kron({self._describe()}, dtype={str(self.dtype).replace('torch.', '')})"
 
     # -- the shared eigenbasis -------------------------------------------------------------------
     def factor_eigh(self) -> tuple[Eigh, Eigh]:
@@ -356,11 +343,10 @@ class Kron(_KronLayout):
     # -- primitives --------------------------------------------------------------------------------
     def to_dense(self) -> Tensor:
         memory.check(self.shape, self.dtype, "the dense form of a Kronecker block")
-        perm = self._perm()
-        return torch.kron(self.G, self.A)[perm][:, perm]
+        return self.layout.to_param_order(torch.kron(self.G, self.A))
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._from_mats(self.G @ self._to_mats(V) @ self.A)
+        return self.layout.from_mats(self.G @ self.layout.to_mats(V) @ self.A)
 
     def _denominators(self, damping: Damping, mode: str) -> Tensor:
         return self.eigen()._denominators(damping, mode)
@@ -373,7 +359,9 @@ class Kron(_KronLayout):
             return self.eigen()._inverse_mode(damping, mode)
         (eA, QA), (eG, QG) = self.factor_eigh()
         dA, dG = factor_damping(mode, damping, eA, eG)
-        tiny = lambda e: float(e.abs().max()) * e.numel() * torch.finfo(self.dtype).eps  # noqa: E731
+        def tiny(e: Tensor) -> float:
+            return singular_tolerance(float(e.abs().max()), e.numel(), self.dtype)
+
         if bool(((eA + dA).abs() <= tiny(eA)).any()) or bool(((eG + dG).abs() <= tiny(eG)).any()):
             raise ValueError(f"a damped Kronecker factor is singular (damping {damping!r}, mode {mode!r}); "
                              "increase the damping")
@@ -387,7 +375,7 @@ class Kron(_KronLayout):
 
     def diagonal(self) -> Tensor:
         D = self.G.diagonal()[:, None] * self.A.diagonal()[None, :]
-        return self._from_mats(D[None])[:, 0]
+        return self.layout.from_mats(D[None])[:, 0]
 
     def trace(self) -> Tensor:
         return self.A.diagonal().sum() * self.G.diagonal().sum()
@@ -407,3 +395,36 @@ class Kron(_KronLayout):
         if isinstance(other, EigenKron):
             return self.eigen()._add(other, sign)
         return None
+
+    # -- structural hooks ------------------------------------------------------------------------------
+    def _inner(self, other: CurvatureMatrix) -> Tensor | None:
+        """⟨A ⊗ G, A' ⊗ G'⟩ = ⟨A, A'⟩⟨G, G'⟩; against a dense block, the Van Loan rearrangement; against
+        an EigenKron, in the eigenbasis."""
+        if isinstance(other, Kron) and self.same_layout(other):
+            return (self.A * other.A).sum() * (self.G * other.G).sum()
+        if isinstance(other, Dense) and other.size == self.size:
+            return self._dense_inner(other.to_dense().to(self.dtype))
+        if isinstance(other, EigenKron):
+            return self.eigen()._inner(other)
+        return None
+
+    def _dense_inner(self, D: Tensor) -> Tensor:
+        """⟨G ⊗ A, D⟩ by the Van Loan rearrangement, on views of D (no permuted copy).
+
+        With a folded bias the parameter order is [vec_r(W), b]: D splits into weight–weight,
+        weight–bias and bias–bias parts, and A into its weight part A_ww, its bias column a_wb and
+        its corner a_bb: ⟨K, D⟩ = Σ G_ij (A_ww)_kl D_ww[i,k,j,l] + 2 Σ G_ij (a_wb)_k D_wb[i,k,j]
+        + a_bb Σ G_ij D_bb[i,j].
+        """
+        p, q = self.p, self.q
+        if not self.bias:
+            return torch.einsum("ij,ikjl,kl->", self.G, D.reshape(p, q, p, q), self.A)
+        r, w = q - 1, p * (q - 1)
+        Dww = D[:w, :w].reshape(p, r, p, r)
+        Dwb = D[:w, w:].reshape(p, r, p)
+        out = torch.einsum("ij,ikjl,kl->", self.G, Dww, self.A[:r, :r])
+        out = out + 2 * torch.einsum("ij,ikj,k->", self.G, Dwb, self.A[:r, r])
+        return out + self.A[r, r] * (self.G * D[w:, w:]).sum()
+
+    def _top_eigen(self, k: int) -> Eigh:
+        return self.eigen()._top_eigen(k)

@@ -40,7 +40,7 @@ class MatrixFree(CurvatureMatrix):
     def _matmat(self, V: Tensor) -> Tensor:
         return torch.cat([self._fn(V[:, j:j + self.chunk]) for j in range(0, V.shape[1], self.chunk)], dim=1)
 
-    def _columns(self, keep: Callable[[int, int, Tensor], None]) -> None:
+    def _each_column_chunk(self, keep: Callable[[int, int, Tensor], None]) -> None:
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         for j in range(0, self.size, self.chunk):
             keep(j, min(self.size, j + self.chunk), self._fn(eye[:, j:j + self.chunk]))
@@ -52,7 +52,7 @@ class MatrixFree(CurvatureMatrix):
         def keep(j0: int, j1: int, cols: Tensor) -> None:
             out[:, j0:j1] = cols
 
-        self._columns(keep)
+        self._each_column_chunk(keep)
         return 0.5 * (out + out.T)
 
     def diagonal(self) -> Tensor:
@@ -61,7 +61,7 @@ class MatrixFree(CurvatureMatrix):
         def keep(j0: int, j1: int, cols: Tensor) -> None:
             out[j0:j1] = cols[j0:j1].diagonal()
 
-        self._columns(keep)
+        self._each_column_chunk(keep)
         return out
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:
@@ -109,7 +109,7 @@ class MatrixFree(CurvatureMatrix):
             nonlocal total
             total = total + (cols**2).sum()
 
-        self._columns(keep)
+        self._each_column_chunk(keep)
         return total.sqrt()
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:

@@ -84,7 +84,7 @@ def test_ekfac_is_the_optimal_diagonal_in_the_kfac_basis(built, name, fisher, ap
     for i, F in enumerate(b["F"].blocks):
         E, K = b["ekfac"].blocks[i], b["kfac"].blocks[i]
         assert E.Q_A is K.eigen().Q_A or torch.equal(E.Q_A, K.eigen().Q_A)
-        Q = K.eigen()._kron_vectors(E.Q_A, E.Q_G)
+        Q = K.eigen().kron_vectors(E.Q_A, E.Q_G)
         S_opt = torch.diagonal(Q.T @ F.to_dense() @ Q)  # the Frobenius-optimal diagonal
         assert rel(E.S.reshape(-1), S_opt) < 1e-10
 
@@ -92,7 +92,7 @@ def test_ekfac_is_the_optimal_diagonal_in_the_kfac_basis(built, name, fisher, ap
 def kfoc_reference(D: torch.Tensor, K: Kron) -> torch.Tensor:
     """Best Kronecker product of a dense block by the SVD of its Van Loan rearrangement."""
     p, q = K.p, K.q
-    perm = K._perm()
+    perm = K.layout.perm()
     Df = torch.empty_like(D)
     Df[perm[:, None], perm[None, :]] = D  # folded order (o, i)
     R = Df.reshape(p, q, p, q).permute(0, 2, 1, 3).reshape(p * p, q * q)
@@ -211,7 +211,7 @@ def test_tekfac_own_damping_provisional_rule():
         delta = float(b.S.sum())
         # S*_ij + λ + √(λδ)(p_j + q_i), p = λ_A/tr A, q = λ_G/tr G
         denom = b.S + lam + math.sqrt(lam * delta) * (eA[None, :] / eA.sum() + eG[:, None] / eG.sum())
-        ref = b._from_mats(b._unrotate(b._rotate(b._to_mats(g[s][:, None])) / denom))[:, 0]
+        ref = b.layout.from_mats(b._unrotate(b._rotate(b.layout.to_mats(g[s][:, None])) / denom))[:, 0]
         assert rel(d[s], -ref) < 1e-9
     # and with exact damping TEKFAC = EKFAC
     assert rel(TE.direction(g, lam), E.direction(g, lam)) < 1e-12

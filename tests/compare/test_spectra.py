@@ -41,7 +41,7 @@ def test_top_eigen_matches_dense_eigh(kind, k):
 
 
 def test_top_eigen_of_a_large_dense_matrix_uses_lanczos_not_eigh(monkeypatch):
-    monkeypatch.setattr(sp, "DENSE_EIGH_LIMIT", 10)
+    monkeypatch.setattr(importlib.import_module("curvlab.linalg.base"), "DENSE_EIGH_LIMIT", 10)
     M = spd(60, 4)
     C = Dense(M)
     top = cc.top_eigen(C, 4)
