@@ -19,9 +19,9 @@ from curvlab.problem import Block, Partition, Problem
 
 __version__ = "0.1.0"
 
-_LAZY = ("approx", "compare", "problems", "data", "plot", "capture", "losses", "reference", "cli")
+_LAZY = ("approx", "compare", "problems", "data", "plot", "capture", "losses", "reference", "cli", "optim")
 #: parts of design.md that later issues build; asking for them says so instead of a bare ImportError
-_PLANNED = {"studies": "the canned-study runner", "optim": "the preconditioning optimizer for training studies"}
+_PLANNED = {"studies": "the canned-study runner"}
 
 __all__ = ["Problem", "Block", "Partition", "CurvatureMatrix", "Dense", "BlockDiagonal", "Diagonal",
            "MatrixFree", "exact", "linalg", "memory", "__version__", *_LAZY]

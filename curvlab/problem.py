@@ -150,22 +150,8 @@ class Problem:
         }
         self._fixed.update({n: b for n, b in model.named_buffers()})
 
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"X and y must have the same number of samples; got X with {X.shape[0]} "
-                             f"and y with {y.shape[0]}")
-        if X.shape[0] == 0:
-            raise ValueError("the data set is empty (N = 0)")
-        if torch.is_floating_point(X):
-            X = X.to(dtype=self.dtype)
-        if torch.is_floating_point(y):
-            y = y.to(dtype=self.dtype)
-        elif y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8) and self.likelihood.name == "cross_entropy":
-            y = y.long()  # class indices in a narrower integer type
-        X, y = X.to(self.device), y.to(self.device)
-        _check_finite(X, "X")
-        _check_finite(y, "y")
-        self.X, self.y = X, y
-        self.num_samples: int = X.shape[0]
+        self.X, self.y = self._prepare_data(X, y)
+        self.num_samples: int = self.X.shape[0]
 
         with torch.no_grad():
             try:
@@ -175,7 +161,7 @@ class Problem:
         if not isinstance(f, Tensor) or f.shape[:1] != X.shape[:1]:
             raise ValueError(f"the model must map X of shape {tuple(X.shape)} to outputs with the same "
                              f"first dimension; got {getattr(f, 'shape', type(f))}")
-        self.likelihood.check(f, y)
+        self.likelihood.check(f, self.y)
         self.output_shape: tuple[int, ...] = tuple(f.shape[1:])
         self.loss_scale: float = self.likelihood.scale(f)
         self.partition: Partition = self._make_partition(partition)
@@ -195,6 +181,26 @@ class Problem:
                 raise ValueError(
                     f"module {mname or type(model).__name__!r} ({type(m).__name__}) is in training "
                     "mode, where the model is random or couples samples; call model.eval() first")
+
+    def _prepare_data(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """X and y checked (same number of samples, finite) and cast to the parameters' dtype and device."""
+        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"X and y must be torch tensors; got {type(X).__name__} and {type(y).__name__}")
+        if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
+            raise ValueError(f"X and y must have the same number of samples; got X of shape {tuple(X.shape)} "
+                             f"and y of shape {tuple(y.shape)}")
+        if X.shape[0] == 0:
+            raise ValueError("the data set is empty (N = 0)")
+        if torch.is_floating_point(X):
+            X = X.to(dtype=self.dtype)
+        if torch.is_floating_point(y):
+            y = y.to(dtype=self.dtype)
+        elif y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8) and self.likelihood.name == "cross_entropy":
+            y = y.long()  # class indices in a narrower integer type
+        X, y = X.to(self.device), y.to(self.device)
+        _check_finite(X, "X")
+        _check_finite(y, "y")
+        return X, y
 
     def _make_partition(self, spec: str | Sequence[Any]) -> Partition:
         names = self.param_names
@@ -332,6 +338,24 @@ class Problem:
         new.num_samples = new.X.shape[0]
         with torch.no_grad():
             new.loss_scale = self.likelihood.scale(new.output())
+        return new
+
+    def with_batch(self, X: Tensor, y: Tensor, theta: Tensor | None = None) -> Problem:
+        """The same problem on other data of the same per-sample shapes (a minibatch), optionally at θ.
+
+        Cheaper than a new :class:`Problem`: the model, partition and cached survey are shared and no
+        forward pass is run (the loss scale follows from the batch size). Raises ``ValueError`` when a
+        sample's shape differs from the problem's.
+        """
+        X, y = self._prepare_data(X, y)
+        if X.shape[1:] != self.X.shape[1:] or y.shape[1:] != self.y.shape[1:]:
+            raise ValueError(f"the batch's samples have shapes X {tuple(X.shape[1:])}, y {tuple(y.shape[1:])}; "
+                             f"the problem's are X {tuple(self.X.shape[1:])}, y {tuple(self.y.shape[1:])}")
+        new = self._copy()
+        new.X, new.y, new.num_samples = X, y, X.shape[0]
+        new.loss_scale = self.likelihood.scale(torch.empty((X.shape[0], *self.output_shape), device="meta"))
+        if theta is not None:
+            new.theta = self.check_theta(theta).detach().clone()
         return new
 
     def _copy(self) -> Problem:

@@ -1,0 +1,125 @@
+"""The KFAC family as statistics and blocks: what each method measures on a batch, and what it builds.
+
+Every Kronecker-family method is two steps per layer piece (:class:`~curvlab.approx.factors.KronPiece`):
+
+1. **statistics** of a batch — tensors that average over batches (an exponential moving average
+   of them is again a valid statistic): KFAC's factors A, G; TKFAC's exact block trace tr F; EKFAC's
+   second moments S* in a given Kronecker eigenbasis; FOOF's A alone;
+2. a **block** built from (possibly averaged) statistics: A ⊗ G, c·A ⊗ G, Q diag(S*) Qᵀ, A ⊗ I.
+
+The one-batch approximators (``cl.approx.kfac`` …) run both steps on one batch; ``curvlab.optim``
+averages step 1 over a trajectory (with its own refresh periods) and runs step 2 when it refreshes
+the preconditioner. EKFAC and TEKFAC measure S* in the eigenbasis of the KFAC factors (George et
+al. 2018, arXiv 1806.03884): on one batch that of the batch's factors, along a trajectory that of
+the averaged factors at the last basis refresh (``basis``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvlab.approx.factors import KronPiece
+from curvlab.linalg import CurvatureMatrix, Eigh
+from curvlab.linalg.kron import EigenKron, Kron
+
+__all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average"]
+
+Stats = dict[str, Tensor]
+#: the Kronecker eigenbasis of a piece: the eigendecompositions of its factors A and G
+Basis = tuple[Eigh, Eigh]
+
+
+def kronecker_basis(A: Tensor, G: Tensor) -> Basis:
+    """The eigendecompositions (λ_A, Q_A), (λ_G, Q_G) of the factors."""
+    eA, QA = torch.linalg.eigh(A)
+    eG, QG = torch.linalg.eigh(G)
+    return Eigh(eA, QA), Eigh(eG, QG)
+
+
+def _trace_factor(tr_F: Tensor | float, A: Tensor, G: Tensor) -> float:
+    """c = tr F / (tr A · tr G): the scalar that gives A ⊗ G the exact block's trace (1 if undefined)."""
+    denom = float(A.diagonal().sum() * G.diagonal().sum())
+    return float(tr_F) / denom if denom > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------- per method
+def _kfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
+    return {"A": p.input_factor(approx), "G": p.output_factor(approx)}
+
+
+def _kfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
+    return Kron(s["A"], s["G"], bias=p.folded), {}
+
+
+def _tkfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
+    return {**_kfac_stats(p, approx, basis), "trace": p.exact_trace()}
+
+
+def _tkfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
+    c = _trace_factor(s["trace"], s["A"], s["G"])
+    return Kron(s["A"], c * s["G"], bias=p.folded), {"c": c, "trace": float(s["trace"])}
+
+
+def _eigen_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
+    stats = _kfac_stats(p, approx, basis)
+    (_, QA), (_, QG) = basis if basis is not None else kronecker_basis(stats["A"], stats["G"])
+    stats["S"] = p.eigen_second_moments(QA, QG)  # Σ S = tr F
+    return stats
+
+
+def _eigen_block(trace_factors: bool) -> Callable:
+    def block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
+        (eA, QA), (eG, QG) = basis if basis is not None else kronecker_basis(s["A"], s["G"])
+        denom = float(eA.sum() * eG.sum())
+        c = float(s["S"].sum()) / denom if denom > 0 else 1.0
+        E = EigenKron(QA, QG, s["S"], p.folded, (eA, c * eG if trace_factors else eG))
+        return E, ({"c": c} if trace_factors else {"kfac_trace_ratio": 1.0 / c if c else float("inf")})
+
+    return block
+
+
+def _foof_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
+    return {"A": p.input_factor(approx)}
+
+
+def _foof_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
+    A = s["A"]
+    return Kron(A, torch.eye(p.d_out, dtype=A.dtype, device=A.device), bias=p.folded), {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Kronecker-family method: its batch statistics and its block.
+
+    ``statistics(piece, approx, basis)`` measures a batch; ``block(stats, piece, basis)`` builds the
+    block and its diagnostics; ``needs_basis``: the statistics depend on a Kronecker eigenbasis
+    (EKFAC's S*), given by ``basis`` (``None``: the batch's own factors'); ``uses_output``: the method
+    needs backward statistics (FOOF does not); ``structure``: the representation of its blocks.
+    """
+
+    name: str
+    statistics: Callable[[KronPiece, str, Basis | None], Stats]
+    block: Callable[[Mapping[str, Tensor], KronPiece, Basis | None], tuple[CurvatureMatrix, dict]]
+    structure: str
+    needs_basis: bool = False
+    uses_output: bool = True
+
+
+FAMILIES: dict[str, Family] = {
+    "kfac": Family("kfac", _kfac_stats, _kfac_block, "kron"),
+    "tkfac": Family("tkfac", _tkfac_stats, _tkfac_block, "trace_kron"),
+    "ekfac": Family("ekfac", _eigen_stats, _eigen_block(False), "eigen_kron", needs_basis=True),
+    "tekfac": Family("tekfac", _eigen_stats, _eigen_block(True), "eigen_kron", needs_basis=True),
+    "foof": Family("foof", _foof_stats, _foof_block, "forward_only", uses_output=False),
+}
+
+
+def average(old: Stats | None, new: Stats, decay: float) -> Stats:
+    """The exponential moving average decay·old + (1 − decay)·new (``new`` when there is no ``old``)."""
+    if old is None:
+        return dict(new)
+    return {k: decay * old[k] + (1.0 - decay) * v for k, v in new.items()}

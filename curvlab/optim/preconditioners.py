@@ -1,0 +1,253 @@
+"""Preconditioners: how each training method turns a minibatch and its gradient into a direction.
+
+A :class:`Preconditioner` keeps whatever state its method carries along a trajectory and answers
+three questions for :class:`~curvlab.optim.CurvatureOptimizer`:
+
+* ``update(batch, step)``: refresh its statistics / curvature from the curvature batch (a
+  :class:`~curvlab.Problem` at the current θ), honouring its refresh periods;
+* ``direction(g)``: the update direction for the (weight-decayed, possibly momentum-averaged)
+  gradient g, e.g. −(C + λI)⁻¹g under the method's damping rule;
+* ``curvature()``: the CurvatureMatrix in use (aligned with the oracle's blocks), for comparators.
+
+Methods with a second pass after the step (K-BFGS) implement ``after_step``; methods whose
+statistics pass already yields the loss and gradient (K-BFGS) implement ``loss_and_gradient``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+import curvlab.exact as exact
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
+from curvlab.approx.factors import Collection, KronPiece, collect
+from curvlab.approx.statistics import FAMILIES, Basis, average, kronecker_basis
+from curvlab.linalg import CurvatureMatrix
+from curvlab.problem import Problem
+
+__all__ = ["Preconditioner", "KroneckerPreconditioner", "ExactPreconditioner", "KBFGSPreconditioner"]
+
+
+class Preconditioner:
+    """The interface (see the module docstring); the base class is the identity (x = −g)."""
+
+    #: where momentum acts: "direction" (heavy ball on the preconditioned step) or "gradient"
+    momentum_on = "direction"
+
+    def __init__(self, damping: float = 0.0) -> None:
+        self.damping = float(damping)
+
+    def loss_and_gradient(self, batch: Problem) -> tuple[float, Tensor] | None:
+        """The batch loss and gradient when this method computes them anyway (else None)."""
+        return None
+
+    def update(self, batch: Problem, step: int) -> None:
+        """Refresh statistics from the curvature batch at step ``step`` (0-based)."""
+
+    def direction(self, g: Tensor) -> Tensor:
+        return -g
+
+    def curvature(self) -> CurvatureMatrix | None:
+        return None
+
+    def after_step(self, batch: Problem, theta: Tensor) -> None:
+        """Called with the same minibatch at the new θ after the step."""
+
+    def state(self) -> dict[str, Any]:
+        """Diagnostics of the method's state (counters, refresh steps …)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- Kronecker family
+class KroneckerPreconditioner(Preconditioner):
+    """KFAC, EKFAC, TKFAC, TEKFAC, FOOF along a trajectory (Martens & Grosse 2015, arXiv 1503.05671).
+
+    Every ``stats_period`` steps the method's batch statistics (:mod:`curvlab.approx.statistics`:
+    A, G, tr F, S*) enter exponential moving averages with decay ``ema_decay`` (the first batch
+    initialises them); every ``inverse_period`` steps the preconditioner is rebuilt from the averages
+    — its factor eigendecompositions are computed then and reused until the next refresh, as KFAC's
+    amortised inverses are. EKFAC/TEKFAC re-estimate their eigenbasis at each refresh from the
+    averaged factors and restart the average of S* in the new basis (George et al. 2018). With
+    ``ema_decay=0`` and both periods 1 each step uses exactly ``cl.approx.<method>`` on its batch.
+    The direction is ``C.direction(g, damping, mode=damping_rule)`` (``"own"``: the method's rule).
+    """
+
+    def __init__(self, method: str, damping: float, damping_rule: str = "own", fisher: str | None = "type2",
+                 mc_samples: int = 1, seed: int = 0, approx: str = "expand", unsupported: str = "error",
+                 ema_decay: float = 0.95, stats_period: int = 1, inverse_period: int = 10) -> None:
+        super().__init__(damping)
+        self.family = FAMILIES[method]
+        self.method = method
+        self.damping_rule = damping_rule
+        self.fisher = fisher if self.family.uses_output else None
+        self.mc_samples, self.seed, self.approx, self.unsupported = mc_samples, seed, approx, unsupported
+        self.ema_decay, self.stats_period, self.inverse_period = ema_decay, stats_period, inverse_period
+        self._stats: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._basis: dict[tuple[int, int], Basis] = {}
+        self._matrix: Approximation | None = None
+        self._col: Collection | None = None
+        self.refreshes: list[int] = []
+
+    @staticmethod
+    def _key(p: KronPiece) -> tuple[int, int]:
+        return p.start, p.stop  # a piece's range in θ identifies it
+
+    def _collect(self, batch: Problem, step: int) -> Collection:
+        seed = self.seed + step  # fresh labels for Monte-Carlo Fisher statistics at every step
+        return collect(batch, self.fisher, self.mc_samples, seed, self.approx, self.unsupported, method=self.method)
+
+    def _accumulate(self, col: Collection) -> None:
+        for plan in col.plans:
+            for p in plan.pieces or ():
+                key = self._key(p)
+                stats = self.family.statistics(p, self.approx, self._basis.get(key))
+                self._stats[key] = average(self._stats.get(key), stats, self.ema_decay)
+
+    def _rebasis(self, col: Collection) -> None:
+        """EKFAC/TEKFAC: the eigenbasis of the averaged factors, and S* restarted in it on this batch."""
+        for plan in col.plans:
+            for p in plan.pieces or ():
+                key = self._key(p)
+                s = self._stats[key]
+                self._basis[key] = kronecker_basis(s["A"], s["G"])
+                (_, QA), (_, QG) = self._basis[key]
+                s["S"] = p.eigen_second_moments(QA, QG)
+
+    def update(self, batch: Problem, step: int) -> None:
+        refresh = self._matrix is None or step % self.inverse_period == 0
+        if step % self.stats_period != 0 and not refresh:
+            return
+        col = self._collect(batch, step)
+        self._accumulate(col)
+        if refresh:
+            if self.family.needs_basis:
+                self._rebasis(col)
+            self._matrix = self._build(col)
+            self.refreshes.append(step)
+
+    def _build(self, col: Collection) -> Approximation:
+        def build(p: KronPiece) -> tuple[CurvatureMatrix, dict]:
+            key = self._key(p)
+            return self.family.block(self._stats[key], p, self._basis.get(key))
+
+        return assemble(col, build, self.method, self.family.structure, OWN_MODES[self.method],
+                        {"fisher": self.fisher, "approx": self.approx, "ema_decay": self.ema_decay,
+                         "stats_period": self.stats_period, "inverse_period": self.inverse_period})
+
+    def direction(self, g: Tensor) -> Tensor:
+        return self._matrix.direction(g, self.damping, mode=self.damping_rule)
+
+    def curvature(self) -> Approximation | None:
+        return self._matrix
+
+    def state(self) -> dict[str, Any]:
+        return {"refreshes": len(self.refreshes)}
+
+
+# ---------------------------------------------------------------------------------------------- exact curvature
+class ExactPreconditioner(Preconditioner):
+    """Exact curvature of the current curvature batch: natural gradient / GGN or Newton.
+
+    ``"ng"`` / ``"ng-block"``: the exact subsampled natural gradient, −(F + λI)⁻¹g with F the GGN
+    (``fisher="type2"``; the exact Fisher for the supported losses), its Monte-Carlo estimate or the
+    empirical Fisher of the curvature batch, full or block-diagonal over the partition, solved by
+    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P;
+    Benzing 2022, arXiv 2201.12250; Koroko et al. 2023, arXiv 2303.18083). ``"newton"`` /
+    ``"newton-block"``: the exact damped Hessian (dense, for small problems); an indefinite H + λI
+    gives a step that need not descend (a saddle-free variant is ``hessian_rule="abs"``: |H| from the
+    eigendecomposition, Dauphin et al. 2014, arXiv 1406.2572). Rebuilt every ``inverse_period`` steps.
+    """
+
+    def __init__(self, kind: str, structure: str, damping: float, fisher: str = "type2", mc_samples: int = 1,
+                 seed: int = 0, inverse_period: int = 1, hessian_rule: str = "exact") -> None:
+        super().__init__(damping)
+        self.kind, self.structure, self.fisher = kind, structure, fisher
+        self.mc_samples, self.seed, self.inverse_period = mc_samples, seed, inverse_period
+        self.hessian_rule = hessian_rule
+        self._matrix: CurvatureMatrix | None = None
+
+    def _build(self, batch: Problem, step: int) -> CurvatureMatrix:
+        if self.kind == "hessian":
+            H = exact.hessian(batch, structure=self.structure)
+            return _absolute(H) if self.hessian_rule == "abs" else H
+        if self.fisher == "type2":
+            return exact.ggn(batch, structure=self.structure)
+        if self.fisher == "mc":
+            return exact.fisher_mc(batch, structure=self.structure, samples=self.mc_samples, seed=self.seed + step)
+        return exact.empirical_fisher(batch, structure=self.structure)
+
+    def update(self, batch: Problem, step: int) -> None:
+        if self._matrix is None or step % self.inverse_period == 0:
+            self._matrix = self._build(batch, step)
+
+    def direction(self, g: Tensor) -> Tensor:
+        return self._matrix.direction(g, self.damping)
+
+    def curvature(self) -> CurvatureMatrix | None:
+        return self._matrix
+
+
+def _absolute(H: CurvatureMatrix) -> CurvatureMatrix:
+    """|H| = Q |Λ| Qᵀ, block by block (the saddle-free Newton matrix of Dauphin et al. 2014)."""
+    from curvlab.linalg import BlockDiagonal, Dense
+
+    if isinstance(H, BlockDiagonal):
+        return BlockDiagonal([_absolute(b) for b in H.blocks], H.block_names)
+    w, Q = H.eigh()
+    return Dense((Q * w.abs()) @ Q.T, symmetrize=True)
+
+
+# ---------------------------------------------------------------------------------------------- K-BFGS
+class KBFGSPreconditioner(Preconditioner):
+    """K-BFGS / K-BFGS(L) (Goldfarb, Ren & Bahamou 2020, arXiv 2006.08877) along the trajectory.
+
+    One statistics pass before the step gives the loss, the gradient and the layers' inputs (A's
+    moving average, H_a); the direction is −H_g D̄ H_a with D̄ the momentum-averaged gradient
+    (momentum acts on the gradient, as in the authors' code); after the step a second pass on the
+    same minibatch gives the pre-activation pairs (s, y) that update H_g (double damping) and the
+    Hessian-action update of H_a. The state is :class:`curvlab.approx.KBFGS`.
+    """
+
+    momentum_on = "gradient"
+
+    def __init__(self, method: str, damping: float, history: int = 100, input_decay: float = 0.9,
+                 pair_decay: float | None = None, mu1: float = 0.2) -> None:
+        super().__init__(damping)
+        self.method, self.history, self.input_decay, self.pair_decay, self.mu1 = method, history, input_decay, \
+            pair_decay, mu1
+        self._state = None
+        self._before = None
+
+    def _ensure(self, batch: Problem) -> None:
+        if self._state is None:
+            from curvlab.approx.kbfgs import KBFGS
+
+            self._state = KBFGS(batch, damping=self.damping, method=self.method, history=self.history,
+                                input_decay=self.input_decay, pair_decay=self.pair_decay, mu1=self.mu1)
+
+    def loss_and_gradient(self, batch: Problem) -> tuple[float, Tensor]:
+        from curvlab.approx.kbfgs import kbfgs_statistics
+
+        self._ensure(batch)
+        self._before = kbfgs_statistics(batch, batch.theta)
+        return self._before.loss, self._before.gradient
+
+    def update(self, batch: Problem, step: int) -> None:
+        self._state.damping = self.damping
+        self._state.observe_inputs(self._before)
+
+    def direction(self, g: Tensor) -> Tensor:
+        return self._state.precondition(g)
+
+    def after_step(self, batch: Problem, theta: Tensor) -> None:
+        from curvlab.approx.kbfgs import kbfgs_statistics
+
+        after = kbfgs_statistics(batch, theta, input_factors=False)
+        self._state.update_from_step(self._before, after)
+
+    def curvature(self) -> CurvatureMatrix | None:
+        return None if self._state is None else self._state.curvature()
+
+    def state(self) -> dict[str, Any]:
+        return {} if self._state is None else {"counters": self._state.counters}
