@@ -14,8 +14,10 @@ g_nk = B_nᵀ u_nk the backpropagated cotangent at z (row-major weight order), s
 to be stored; with weight sharing (extra input dimensions, convolution patches) it is
 Σ_t g_nkt ⊗ a_nt.  :func:`capture` collects them for every ``nn.Linear`` and ``nn.Conv2d`` with a
 single forward pass and one vmapped backward pass over all k cotangents (``is_grads_batched``),
-and per-sample rows v_nk for every other parameter with ``torch.func`` (vmapped vector-Jacobian
-products of single-sample forward passes), so any architecture works.
+and per-sample rows v_nk for every other parameter with ``torch.func`` (vector-Jacobian products
+of single-sample forward passes: vmapped, or looped over the samples where vmap cannot batch the
+model, e.g. ``nn.LSTM`` — :func:`rows_path`), so any architecture reverse mode can differentiate
+works.
 
 The structured path assumes, as every per-sample method does, that the model treats samples
 independently (no batch statistics): :class:`~curvlab.Problem` rejects batch norm in training mode.
@@ -34,8 +36,8 @@ from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
 
 __all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
-           "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "autodiff_path", "rows_path",
-           "ROWS_PATHS"]
+           "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
+           "rows_path", "ROWS_PATHS"]
 
 
 @dataclass
@@ -243,25 +245,28 @@ def _kernel_state() -> tuple[bool, ...]:
     return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled())
 
 
-def autodiff_path(prob: Problem, key: str, trials: list[tuple[str, Callable[[], object]]]) -> AutodiffPath:
-    """The first of ``trials`` (name, trial run on a few samples) that succeeds, cached on
-    ``prob.structure_cache`` under ``key`` and the enabled attention kernels (shared with
-    ``Problem.at`` / ``subset``: the same model)."""
-    key = (key, _kernel_state())
-    cached = prob.structure_cache.get(key)
+#: a path's name and its trial run on a few samples
+Trial = tuple[str, Callable[[], object]]
+
+
+def autodiff_path(prob: Problem, key: str, trials: Callable[[], list[Trial]]) -> AutodiffPath:
+    """The first of the trials (built by ``trials()`` on a cache miss only) whose run succeeds,
+    cached on ``prob.structure_cache`` under ``key`` and the enabled attention kernels (shared
+    with ``Problem.at`` / ``subset``: the same model)."""
+    key_ = (key, _kernel_state())
+    cached = prob.structure_cache.get(key_)
     if cached is not None:
         return cached
     refused = []
-    verdict = AutodiffPath(None, ())
-    for name, trial in trials:
+    verdict = None
+    for name, trial in trials():
         failure = _run_locating(prob.model, trial)
         if failure is None:
             verdict = AutodiffPath(name, tuple(refused))
             break
         refused.append((name, *failure))
-    else:
-        verdict = AutodiffPath(None, tuple(refused))
-    prob.structure_cache[key] = verdict
+    verdict = verdict or AutodiffPath(None, tuple(refused))
+    prob.structure_cache[key_] = verdict
     return verdict
 
 
@@ -307,21 +312,25 @@ def rows_path(prob: Problem) -> AutodiffPath:
     cotangents), ``"per_sample"`` (a loop over samples, vmap over cotangents: e.g. ``nn.LSTM`` /
     ``nn.GRU``, whose forward writes into unbatched state under vmap) or ``"loop"`` (no vmap);
     decided by trial runs on two samples, cached on the problem."""
-    params = prob.params()
-    sub = {n: params[n] for n in prob.param_names}
-    rest = {n: t for n, t in params.items() if n not in sub}
-    X = prob.X[:2]
-    gen = torch.Generator(device=prob.device).manual_seed(0)
-    U = torch.randn((2, X.shape[0], *prob.output_shape), generator=gen, dtype=prob.dtype, device=prob.device)
     model = prob.model
-    trials = [("vmap", lambda: _rows_vmapped(model, rest, sub, X, U)),
-              ("per_sample", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], True)),
-              ("loop", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], False))]
+
+    def trials() -> list[Trial]:
+        params = prob.params()
+        sub = {n: params[n] for n in prob.param_names}
+        rest = {n: t for n, t in params.items() if n not in sub}
+        X = prob.X[:2]
+        gen = torch.Generator(device=prob.device).manual_seed(0)
+        U = torch.randn((2, X.shape[0], *prob.output_shape), generator=gen, dtype=prob.dtype, device=prob.device)
+        return [("vmap", lambda: _rows_vmapped(model, rest, sub, X, U)),
+                ("per_sample", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], True)),
+                ("loop", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], False))]
+
     verdict = autodiff_path(prob, "autodiff.rows", trials)
     if verdict.path is None:
-        raise ValueError(f"cannot differentiate model {type(model).__name__} in reverse mode: torch refuses "
-                         f"{verdict.module()} ({verdict.reasons()}); every curvature needs first derivatives "
-                         "of every operation: replace that module by one torch.autograd can differentiate")
+        raise ValueError(f"torch.func cannot differentiate model {type(model).__name__} in reverse mode: it "
+                         f"refuses {verdict.module()} ({verdict.reasons()}); per-sample Jacobian rows need "
+                         "torch.func's vector-Jacobian products of every operation: make that module "
+                         "transformable by torch.func (see torch's message) or replace it")
     return verdict
 
 

@@ -4,7 +4,7 @@ All take V of shape (P,) or (P, m) and vmap over the columns:
 
 * ``hvp``           ∇²L V                        (forward-over-reverse: jvp of grad)
 * ``ggn_vp``        R Jᵀ Λ J V                   (jvp → closed-form loss Hessian → vjp)
-* ``ef_vp``         R Σ_n ∇ℓ_n (∇ℓ_nᵀ V)          (jvp → project on r_n = ∇_f ℓ_n → vjp)
+* ``ef_vp``         R Σ_n ∇ℓ_n (∇ℓ_nᵀ V)          (jvp → project on r_n = ∇_f ℓ_n → vjp; or per position)
 * ``fisher_mc_vp``  R Σ_n mean_s r_ns (r_nsᵀ J_n V) with r_ns the gradient at sampled labels
 
 Same scale conventions as the dense oracle (``curvlab.losses``).
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from curvlab import memory
-from curvlab.capture import AutodiffPath, autodiff_path, output_cotangents, per_sample_jacobian_rows
+from curvlab.capture import AutodiffPath, Trial, autodiff_path, output_cotangents, per_sample_jacobian_rows
 from curvlab.linalg import MatrixFree
 from curvlab.linalg.base import as_vectors
 from curvlab.problem import Problem
@@ -60,30 +60,35 @@ def _trial_slice(prob: Problem) -> tuple[Tensor, Tensor]:
 
 def jvp_path(prob: Problem) -> AutodiffPath:
     """How J v is computed for this model: ``"forward"``, ``"double_vjp"`` or ``"rows"`` (cached)."""
-    X, _ = _trial_slice(prob)
-    th = prob.theta
+    def trials() -> list[Trial]:
+        X, _ = _trial_slice(prob)
+        th = prob.theta
 
-    def out(t: Tensor) -> Tensor:
-        return prob.output(t, X)
+        def out(t: Tensor) -> Tensor:
+            return prob.output(t, X)
 
-    def double_vjp() -> Tensor:
-        f, pullback = vjp(out, th)
-        _, pb2 = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
-        return pb2(torch.ones_like(th))[0]
+        def double_vjp() -> Tensor:
+            f, pullback = vjp(out, th)
+            _, pb2 = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
+            return pb2(torch.ones_like(th))[0]
 
-    trials = [("forward", lambda: jvp(out, (th,), (torch.ones_like(th),))), ("double_vjp", double_vjp),
-              ("rows", lambda: True)]  # rows need first derivatives only (capture.rows_path checks those)
+        # explicit rows need first derivatives only (capture.rows_path checks those when they are built)
+        return [("forward", lambda: jvp(out, (th,), (torch.ones_like(th),))), ("double_vjp", double_vjp),
+                ("rows", lambda: None)]
+
     return autodiff_path(prob, "autodiff.jvp", trials)
 
 
 def hvp_path(prob: Problem) -> AutodiffPath:
     """How ∇²L v is computed: ``"forward_over_reverse"``, ``"reverse_over_reverse"`` or None (cached)."""
-    X, y = _trial_slice(prob)
-    th = prob.theta
-    g = grad(lambda t: prob.loss_tensor(t, X, y))
-    v = torch.ones_like(th)
-    trials = [("forward_over_reverse", lambda: jvp(g, (th,), (v,))),
-              ("reverse_over_reverse", lambda: vjp(g, th)[1](v))]
+    def trials() -> list[Trial]:
+        X, y = _trial_slice(prob)
+        th = prob.theta
+        g = grad(lambda t: prob.loss_tensor(t, X, y))
+        v = torch.ones_like(th)
+        return [("forward_over_reverse", lambda: jvp(g, (th,), (v,))),
+                ("reverse_over_reverse", lambda: vjp(g, th)[1](v))]
+
     return autodiff_path(prob, "autodiff.hvp", trials)
 
 
@@ -131,25 +136,27 @@ def _explicit_jacobian(prob: Problem, theta: Tensor) -> Tensor:
     return torch.cat([rows[n].reshape(d, prob.num_samples, -1) for n in prob.param_names], dim=2)
 
 
-def _jvp_fn(prob: Problem, theta: Tensor, pullback: Callable, f: Tensor) -> Callable[[Tensor], Tensor]:
+def _jvp_fn(prob: Problem, theta: Tensor, path: str | None, pullback: Callable, f: Tensor,
+            J: Tensor | None) -> Callable[[Tensor], Tensor]:
     """v ↦ J v (shape of the output) by the model's :func:`jvp_path`."""
-    path = jvp_path(prob).path
     if path == "forward":
         return lambda v: jvp(prob.output, (theta,), (v,))[1]
     if path == "double_vjp":
         _, pb2 = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
         return lambda v: pb2(v)[0]
-    J = _explicit_jacobian(prob, theta)
     return lambda v: torch.einsum("dnp,p->nd", J, v).reshape(f.shape)
 
 
 def _output_space_fn(prob: Problem, theta: Tensor,
                      apply: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """v ↦ R Jᵀ apply(f, J v): every Fisher-type product, with the output-space action ``apply``."""
+    path = jvp_path(prob).path
+    # explicit rows first: where reverse mode itself fails, their construction says so clearly
+    J = _explicit_jacobian(prob, theta) if path == "rows" else None
     f, pullback = vjp(prob.output, theta)
     f = f.detach()
     R = prob.loss_scale
-    jv = _jvp_fn(prob, theta, pullback, f)
+    jv = _jvp_fn(prob, theta, path, pullback, f, J)
 
     def mv(v: Tensor) -> Tensor:
         return R * pullback(apply(f, jv(v)))[0]

@@ -258,6 +258,45 @@ def test_forward_mode_free_hessian():
     assert rel(cl.exact.hessian(prob, "operator").to_dense(), H) < TOL
 
 
+class OldStyleSquare(torch.autograd.Function):
+    """x² as an old-style Function (no setup_context): torch.func cannot transform it at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class OldStyleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(OldStyleSquare.apply(self.inp(x)))
+
+
+def test_what_torch_func_cannot_transform_is_refused_clearly():
+    torch.manual_seed(0)
+    X = torch.randn(N, 3, dtype=torch.float64)
+    prob = cl.Problem(OldStyleNet().double(), nn.CrossEntropyLoss(), X, torch.randint(0, 3, (N,)))
+    for kind in ("ggn", "empirical_fisher", "fisher_mc"):
+        with pytest.raises(ValueError, match=r"torch\.func cannot differentiate model OldStyleNet.*setup_context"):
+            oracle(prob, kind, "operator")
+    for structure in ("full", "operator"):
+        with pytest.raises(ValueError, match=r"Hessian of model OldStyleNet needs second derivatives.*setup_context"):
+            cl.exact.hessian(prob, structure)
+    # its Linear layers take the layer-structured path (plain autograd): the dense GGN still works
+    G = cl.exact.ggn(prob).to_dense()
+    assert rel(G, looped_references(prob, mc_labels(prob))["ggn"]) < TOL
+
+
 @pytest.mark.parametrize("name", ["lstm", "attention"])
 def test_kfac_with_exact_blocks_for_other_modules(name):
     """``unsupported="exact"`` takes the recurrent / attention block from the (now working) oracle."""
