@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from curvlab import memory
 from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
 
@@ -158,6 +159,10 @@ def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 
     R = prob.loss_scale
     lik = prob.likelihood
     if fisher == "type2":
+        d = prob.num_outputs  # one column per output (per class and position): D·N·D numbers
+        memory.check((d, prob.num_samples, d), prob.dtype, "the type-2 output cotangents",
+                     'use fisher="mc" (S sampled cotangents per sample), or the matrix-free GGN '
+                     '(structure="operator")')
         return lambda f: R**0.5 * lik.hessian_sqrt(f)
     if fisher == "mc":
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
@@ -165,6 +170,9 @@ def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 
         return lambda f: (R / samples) ** 0.5 * sampled_output_grads(prob, f, samples, seed)
     if fisher == "empirical":
         if per == "position":
+            t = lik.positions(torch.empty((1, *prob.output_shape), device="meta"))
+            memory.check((t, prob.num_samples, prob.num_outputs), prob.dtype,
+                         "the per-position output cotangents", 'use structure="operator"')
             return lambda f: R**0.5 * lik.split_positions(lik.grad_output(f, prob.y))
         return lambda f: R**0.5 * lik.grad_output(f, prob.y)[None]
     raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")

@@ -82,6 +82,10 @@ class Likelihood:
         raise NotImplementedError
 
     # -- positions --------------------------------------------------------------------------
+    #: the output axis that holds one position's features (classes); the others after the batch
+    #: axis are positions
+    feature_axis: int = -1
+
     def positions(self, f: Tensor) -> int:
         """T: the positions of one sample's output — the axes between the batch axis and the
         feature axis (the last for MSE and BCE, as curvlinops flattens them; dim 1 for CE)."""
@@ -130,6 +134,7 @@ class CrossEntropy(Likelihood):
     """
 
     name = "cross_entropy"
+    feature_axis = 1
 
     def __init__(self, loss_fn: nn.CrossEntropyLoss) -> None:
         super().__init__(loss_fn)

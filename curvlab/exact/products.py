@@ -174,12 +174,27 @@ def _apply_cotangents(U: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     return apply
 
 
+def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """Σ_t r_t (r_tᵀ J v) per sample, r_t = ∇_f ℓ_nt on position t alone: r ⊙ ⟨r, J v⟩ over the
+    feature axis, without forming the T per-position cotangents."""
+    axis = prob.likelihood.feature_axis if r.ndim > 1 else None
+
+    def apply(_f: Tensor, Jv: Tensor) -> Tensor:
+        s = r * Jv
+        return r * (s if axis is None else s.sum(dim=axis, keepdim=True))
+
+    return apply
+
+
 def _fisher_apply(prob: Problem, theta: Tensor, kind: str, samples: int = 1, seed: int = 0,
                   per: str = "sample") -> Callable[[Tensor, Tensor], Tensor]:
     """The output-space action of a Fisher-type kind: Λ J v with Λ = Σ_k u_k u_kᵀ per sample for the
     (unscaled: R is applied once, in :func:`_output_space_fn`) cotangents of ``capture.output_cotangents``."""
     if kind == "ggn":
         return prob.likelihood.hvp_output
+    if kind == "empirical_fisher" and per == "position":
+        with torch.no_grad():
+            return _per_position_apply(prob, prob.likelihood.grad_output(prob.output(theta), prob.y))
     fisher = {"empirical_fisher": "empirical", "fisher_mc": "mc"}[kind]
     cotangents = output_cotangents(prob, fisher, samples, seed, per)
     with torch.no_grad():

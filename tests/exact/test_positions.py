@@ -207,3 +207,17 @@ def test_per_position_ef_of_elementwise_losses_is_curvlinops_ef(loss, red):
     assert rel(cl.exact.empirical_fisher(prob, per="position").to_dense(), theirs) < TOL
     assert rel(per_position_ef(prob), theirs) < TOL
     assert rel(cl.exact.empirical_fisher(prob).to_dense(), reference.empirical_fisher(prob)) < TOL
+
+
+def test_cotangent_memory_is_budgeted():
+    """Type-2 cotangents are outputs² numbers per sample, per-position ones positions × outputs:
+    both are refused over the memory budget with a way out; the per-position operator forms neither."""
+    prob, _ = make("conv2d", "mean")
+    v = torch.randn(prob.num_params, dtype=torch.float64)
+    ref = per_position_ef(prob) @ v
+    with cl.memory.budget(2000):
+        with pytest.raises(cl.memory.MemoryBudgetError, match='type-2 output cotangents.*fisher="mc"'):
+            cl.exact.ggn(prob, "diag")
+        with pytest.raises(cl.memory.MemoryBudgetError, match='per-position output cotangents.*"operator"'):
+            cl.exact.empirical_fisher(prob, "diag", per="position")
+        assert rel(cl.exact.empirical_fisher(prob, "operator", per="position") @ v, ref) < TOL
