@@ -129,7 +129,10 @@ def _hvp_fn(prob: Problem, theta: Tensor) -> Callable[[Tensor], Tensor]:
 def _explicit_jacobian(prob: Problem, theta: Tensor) -> Tensor:
     """The per-sample output Jacobians as rows, (D, N, P) with D = outputs per sample."""
     d = prob.num_outputs
-    memory.check((d, prob.num_samples, prob.num_params), prob.dtype, "the per-sample Jacobians (reverse-mode J v)")
+    memory.check((d, prob.num_samples, prob.num_params), prob.dtype, "the per-sample Jacobians (reverse-mode J v)",
+                 "the model has neither forward-mode derivatives nor double backward "
+                 "(curvlab.exact.products.jvp_path(prob).reasons()), so J v needs the stored Jacobians: "
+                 "use fewer samples (prob.subset)")
     eye = torch.eye(d, dtype=prob.dtype, device=prob.device)
     E = eye[:, None, :].expand(d, prob.num_samples, d).reshape(d, prob.num_samples, *prob.output_shape)
     rows = per_sample_jacobian_rows(prob, theta, prob.param_names, E)
