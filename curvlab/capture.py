@@ -14,8 +14,10 @@ g_nk = B_nᵀ u_nk the backpropagated cotangent at z (row-major weight order), s
 to be stored; with weight sharing (extra input dimensions, convolution patches) it is
 Σ_t g_nkt ⊗ a_nt.  :func:`capture` collects them for every ``nn.Linear`` and ``nn.Conv2d`` with a
 single forward pass and one vmapped backward pass over all k cotangents (``is_grads_batched``),
-and per-sample rows v_nk for every other parameter with ``torch.func`` (vmapped vector-Jacobian
-products of single-sample forward passes), so any architecture works.
+and per-sample rows v_nk for every other parameter with ``torch.func`` (vector-Jacobian products
+of single-sample forward passes: vmapped, or looped over the samples where vmap cannot batch the
+model, e.g. ``nn.LSTM`` — :func:`rows_path`), so any architecture reverse mode can differentiate
+works.
 
 The structured path assumes, as every per-sample method does, that the model treats samples
 independently (no batch statistics): :class:`~curvlab.Problem` rejects batch norm in training mode.
@@ -30,11 +32,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from curvlab import memory
 from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
 
 __all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
-           "output_cotangents", "sampled_output_grads"]
+           "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
+           "rows_path", "ROWS_PATHS"]
 
 
 @dataclass
@@ -132,23 +136,44 @@ def sampled_output_grads(prob: Problem, f: Tensor, samples: int, seed: int) -> T
     return prob.likelihood.sampled_grad_output(f, samples, gen)
 
 
-def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 0) -> Callable[[Tensor], Tensor]:
+#: how the empirical Fisher groups loss terms (see :func:`output_cotangents`)
+EF_PER = ("sample", "position")
+
+
+def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 0,
+                      per: str = "sample") -> Callable[[Tensor], Tensor]:
     """f ↦ the output cotangents u (k, N, *out) of a Fisher type, scaled so that
     Σ_n Σ_k (J_nᵀu_nk)(J_nᵀu_nk)ᵀ is exactly the oracle's matrix:
 
     * ``"type2"``: √R × the columns of a symmetric factor of ∇²_f ℓ_n (k = outputs) → ``ggn``
     * ``"mc"``: √(R/S) × ∇_f ℓ_n(ŷ_s), S labels ŷ_s from the model (k = S) → ``fisher_mc``
-    * ``"empirical"``: √R × ∇_f ℓ_n(y_n) at the data labels (k = 1) → ``empirical_fisher``
+    * ``"empirical"``: √R × ∇_f ℓ_n(y_n) at the data labels (k = 1) → ``empirical_fisher``;
+      with ``per="position"`` √R × ∇_f ℓ_nt for each of the T output positions t (k = T, each
+      zero outside its position; :meth:`~curvlab.losses.Likelihood.split_positions`) →
+      ``empirical_fisher(per="position")`` = R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ
     """
+    if per not in EF_PER:
+        raise ValueError(f"unknown per={per!r}: use one of {EF_PER}")
+    if per == "position" and fisher != "empirical":
+        raise ValueError(f"per='position' is defined for the empirical Fisher only; got fisher={fisher!r}")
     R = prob.loss_scale
     lik = prob.likelihood
     if fisher == "type2":
+        d = prob.num_outputs  # one column per output (per class and position): D·N·D numbers
+        memory.check((d, prob.num_samples, d), prob.dtype, "the type-2 output cotangents",
+                     'use fisher="mc" (S sampled cotangents per sample), or the matrix-free GGN '
+                     '(structure="operator")')
         return lambda f: R**0.5 * lik.hessian_sqrt(f)
     if fisher == "mc":
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ValueError(f"samples must be a positive integer; got {samples!r}")
         return lambda f: (R / samples) ** 0.5 * sampled_output_grads(prob, f, samples, seed)
     if fisher == "empirical":
+        if per == "position":
+            t = lik.positions(torch.empty((1, *prob.output_shape), device="meta"))
+            memory.check((t, prob.num_samples, prob.num_outputs), prob.dtype,
+                         "the per-position output cotangents", 'use structure="operator"')
+            return lambda f: R**0.5 * lik.split_positions(lik.grad_output(f, prob.y))
         return lambda f: R**0.5 * lik.grad_output(f, prob.y)[None]
     raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
 
@@ -163,33 +188,187 @@ def supported_layers(prob: Problem) -> dict[str, nn.Module]:
     return structured_layers(prob)
 
 
+# ---------------------------------------------------------------------------------------- autodiff paths
+#: exceptions by which torch says a transform is not available for an operation (vmap: a batching
+#: rule or an in-place write into an unbatched tensor; forward mode / double backward: a missing
+#: derivative formula); probes catch only these, and only around a tiny trial run
+_UNAVAILABLE = (RuntimeError, NotImplementedError)
+
+
+@dataclass(frozen=True)
+class AutodiffPath:
+    """Which way of differentiating works for a problem's model (probed once, cached).
+
+    ``path`` is the first of the tried paths whose trial run succeeded (None: none did);
+    ``refused`` says for each faster path why it was not taken: the module that was executing
+    when torch refused (None when the failure came from a backward pass) and torch's message.
+    """
+
+    path: str | None
+    refused: tuple[tuple[str, str | None, str], ...]
+
+    def reasons(self) -> str:
+        """Why the faster paths were refused, one ``path: [in module M:] error`` per path."""
+        return "; ".join(f"{what}: {'' if mod is None else f'in module {mod}: '}{msg}"
+                         for what, mod, msg in self.refused)
+
+    def module(self) -> str:
+        """The module named by the first refusal that names one ("an operation of the model" if none)."""
+        return next((f"module {m}" for _, m, _ in self.refused if m is not None), "an operation of the model")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _run_locating(model: nn.Module, fn: Callable[[], object]) -> tuple[str | None, str] | None:
+    """Run ``fn``; None if it succeeds, else (the innermost module whose forward was running
+    when torch raised one of :data:`_UNAVAILABLE`, or None; the error's first line)."""
+    stack: list[str] = []
+
+    def pre(name: str) -> Callable:
+        return lambda m, _inp: stack.append(f"{name or '(root)'!r} ({type(m).__name__})")
+
+    def post(_m: nn.Module, _inp: tuple, _out: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post)]
+    try:
+        fn()
+    except _UNAVAILABLE as exc:
+        return (stack[-1] if stack else None), _first_line(exc)
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def _kernel_state() -> tuple[bool, ...]:
+    """The attention kernels torch may pick (``torch.nn.attention.sdpa_kernel`` changes them, and
+    only the math kernel has forward-mode and second derivatives): part of every verdict's key."""
+    b = torch.backends.cuda
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled())
+
+
+#: a path's name and its trial run on a few samples
+Trial = tuple[str, Callable[[], object]]
+
+
+def autodiff_path(prob: Problem, key: str, trials: Callable[[], list[Trial]]) -> AutodiffPath:
+    """The first of the trials (built by ``trials()`` on a cache miss only) whose run succeeds,
+    cached on ``prob.structure_cache`` under ``key`` and the enabled attention kernels (shared
+    with ``Problem.at`` / ``subset``: the same model)."""
+    key_ = (key, _kernel_state())
+    cached = prob.structure_cache.get(key_)
+    if cached is not None:
+        return cached
+    refused = []
+    verdict = None
+    for name, trial in trials():
+        failure = _run_locating(prob.model, trial)
+        if failure is None:
+            verdict = AutodiffPath(name, tuple(refused))
+            break
+        refused.append((name, *failure))
+    verdict = verdict or AutodiffPath(None, tuple(refused))
+    prob.structure_cache[key_] = verdict
+    return verdict
+
+
+# ---------------------------------------------------------------------------------------- per-sample rows
+def _single_sample_fn(model: nn.Module, rest: dict[str, Tensor], x: Tensor) -> Callable:
+    def f1(p: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, {**rest, **p}, (x[None],))[0]
+
+    return f1
+
+
+def _rows_vmapped(model: nn.Module, rest: dict, sub: dict, X: Tensor, U: Tensor) -> dict[str, Tensor]:
+    """Fast path: vmap over the samples of single-sample vjps, vmapped over the k cotangents."""
+    def rows(x: Tensor, u: Tensor) -> dict[str, Tensor]:
+        _, pullback = vjp(_single_sample_fn(model, rest, x), sub)
+        return vmap(pullback)(u)[0]
+
+    out = vmap(rows)(X, U.transpose(0, 1))
+    return {n: t.transpose(0, 1) for n, t in out.items()}
+
+
+def _rows_looped(model: nn.Module, rest: dict, sub: dict, X: Tensor, U: Tensor,
+                 batched: bool) -> dict[str, Tensor]:
+    """Reverse mode one sample at a time (one vjp per sample), vmapped over the cotangents when
+    ``batched``, else one pullback per cotangent: for modules vmap cannot batch over samples."""
+    per = []
+    for i in range(X.shape[0]):
+        _, pullback = vjp(_single_sample_fn(model, rest, X[i]), sub)
+        if batched:
+            per.append(vmap(pullback)(U[:, i])[0])
+        else:
+            cols = [pullback(u)[0] for u in U[:, i]]
+            per.append({n: torch.stack([c[n] for c in cols]) for n in sub})
+    return {n: torch.stack([r[n] for r in per], dim=1) for n in sub}
+
+
+#: the ways :func:`per_sample_jacobian_rows` differentiates, fastest first
+ROWS_PATHS = ("vmap", "per_sample", "loop")
+
+
+def rows_path(prob: Problem) -> AutodiffPath:
+    """How per-sample Jacobian rows are computed for this model: ``"vmap"`` (vmap over samples and
+    cotangents), ``"per_sample"`` (a loop over samples, vmap over cotangents: e.g. ``nn.LSTM`` /
+    ``nn.GRU``, whose forward writes into unbatched state under vmap) or ``"loop"`` (no vmap);
+    decided by trial runs on two samples, cached on the problem."""
+    model = prob.model
+
+    def trials() -> list[Trial]:
+        params = prob.params()
+        sub = {n: params[n] for n in prob.param_names}
+        rest = {n: t for n, t in params.items() if n not in sub}
+        X = prob.X[:2]
+        gen = torch.Generator(device=prob.device).manual_seed(0)
+        U = torch.randn((2, X.shape[0], *prob.output_shape), generator=gen, dtype=prob.dtype, device=prob.device)
+        return [("vmap", lambda: _rows_vmapped(model, rest, sub, X, U)),
+                ("per_sample", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], True)),
+                ("loop", lambda: _rows_looped(model, rest, sub, X[:1], U[:, :1], False))]
+
+    verdict = autodiff_path(prob, "autodiff.rows", trials)
+    if verdict.path is None:
+        raise ValueError(f"torch.func cannot differentiate model {type(model).__name__} in reverse mode: it "
+                         f"refuses {verdict.module()} ({verdict.reasons()}); per-sample Jacobian rows need "
+                         "torch.func's vector-Jacobian products of every operation: make that module "
+                         "transformable by torch.func (see torch's message) or replace it")
+    return verdict
+
+
 def per_sample_jacobian_rows(prob: Problem, theta: Tensor, names: list[str], U: Tensor,
                              chunk: int | None = None) -> dict[str, Tensor]:
     """v_nk = J_nᵀ u_nk restricted to the parameters ``names``: {name: (k, N, *shape)}.
 
-    Vmapped vector-Jacobian products of single-sample forward passes (works for any module
-    ``torch.func`` can differentiate). ``U`` has shape (k, N, *output_shape).
+    Reverse mode only, so it works for any module ``torch.func`` can differentiate once:
+    vector-Jacobian products of single-sample forward passes, vmapped over the samples and
+    the k cotangents where vmap can batch the model, else looped (see :func:`rows_path`).
+    ``U`` has shape (k, N, *output_shape).
     """
     params = prob.params(theta)
     sub = {n: params[n] for n in names}
     rest = {n: t for n, t in params.items() if n not in sub}
     model = prob.model
-
-    def rows(x: Tensor, u: Tensor) -> dict[str, Tensor]:
-        def f1(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, {**rest, **p}, (x[None],))[0]
-
-        _, pullback = vjp(f1, sub)
-        return vmap(pullback)(u)[0]
-
     n, k = prob.X.shape[0], U.shape[0]
+    if k == 0:
+        return {n_: sub[n_].new_zeros((0, n, *sub[n_].shape)) for n_ in names}
+    path = rows_path(prob).path
     width = sum(sub[n_].numel() for n_ in names)
     if chunk is None:  # keep one chunk's rows near 64 MiB
         chunk = max(1, min(n, (64 * 2**20) // max(1, 8 * k * width)))
     parts = []
     for s in range(0, n, chunk):
-        out = vmap(rows)(prob.X[s:s + chunk], U[:, s:s + chunk].transpose(0, 1))
-        parts.append({n_: t.transpose(0, 1) for n_, t in out.items()})
+        X, Us = prob.X[s:s + chunk], U[:, s:s + chunk]
+        if path == "vmap":
+            parts.append(_rows_vmapped(model, rest, sub, X, Us))
+        else:
+            parts.append(_rows_looped(model, rest, sub, X, Us, batched=path == "per_sample"))
     return {n_: torch.cat([p[n_] for p in parts], dim=1) for n_ in names}
 
 

@@ -5,20 +5,21 @@ network output ``f`` (up to scale and constants).  curvlab writes the user's los
 
     L(θ) = R · Σ_n ℓ_n,     ℓ_n = sample n's *summed* unreduced loss,
 
-with ``R = 1/(number of unreduced loss terms)`` for ``reduction="mean"`` (1/N for cross-entropy,
-1/(N·D) for ``MSELoss`` and ``BCEWithLogitsLoss`` with D outputs per sample) and ``R = 1`` for
-``"sum"`` (see ``shared/design.md``, "Scale").  For each loss this module gives, in closed form and
-batched over samples:
+with ``R = 1/(number of unreduced loss terms)`` for ``reduction="mean"`` (1/N for cross-entropy
+on (N, C) outputs, 1/(N·T) on (N, C, d₁, …) outputs with T = d₁·… positions; 1/(N·D) for
+``MSELoss`` and ``BCEWithLogitsLoss`` with D outputs per sample) and ``R = 1`` for ``"sum"``.
+Extra output dimensions are loss terms of one sample: ℓ_n sums over them.  For each loss this
+module gives, in closed form and batched over samples:
 
 * ``per_sample(f, y)``      ℓ_n, shape (N,)
 * ``grad_output(f, y)``     ∇_f ℓ_n, shape of f
 * ``hvp_output(f, u)``      ∇²_f ℓ_n · u_n, shape of f
-* ``hessian_sqrt(f)``       S with Σ_k S_k S_kᵀ = ∇²_f ℓ_n, shape (k, *f.shape)
+* ``hessian_sqrt(f)``       S with Σ_k S_k S_kᵀ = ∇²_f ℓ_n, shape (k, *f.shape) (k = outputs per sample)
 * ``sample(f, m, gen)``     m labels drawn from the likelihood ℓ_n is the negative log of
 
 | loss | ℓ_n | ∇²_f ℓ_n | likelihood sampled |
 |---|---|---|---|
-| CrossEntropyLoss | −log softmax(f)_y | diag(p) − ppᵀ | Categorical(p) |
+| CrossEntropyLoss | Σ_t −log softmax(f_t)_{y_t} | per position t: diag(p_t) − p_t p_tᵀ | Categorical(p_t) per t |
 | MSELoss | ‖f − y‖² | 2 I | N(f, ½ I) |
 | BCEWithLogitsLoss | Σ_d −y log σ(f) − (1−y) log(1−σ(f)) | diag(σ(1−σ)) | Bernoulli(σ(f)) |
 
@@ -80,6 +81,25 @@ class Likelihood:
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    # -- positions --------------------------------------------------------------------------
+    #: the output axis that holds one position's features (classes); the others after the batch
+    #: axis are positions
+    feature_axis: int = -1
+
+    def positions(self, f: Tensor) -> int:
+        """T: the positions of one sample's output — the axes between the batch axis and the
+        feature axis (the last for MSE and BCE, as curvlinops flattens them; dim 1 for CE)."""
+        return math.prod(f.shape[1:-1])
+
+    def split_positions(self, g: Tensor) -> Tensor:
+        """(N, *out) → (T, N, *out): slice t keeps position t of ``g`` and is zero elsewhere."""
+        if g.ndim < 3:  # one position
+            return g[None]
+        n, d = g.shape[0], g.shape[-1]
+        t = math.prod(g.shape[1:-1])
+        eye = torch.eye(t, dtype=g.dtype, device=g.device)
+        return (g.reshape(n, t, d)[None] * eye[:, None, :, None]).reshape(t, *g.shape)
+
     def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
         """∇_f ℓ_n(ŷ_s) for m labels ŷ_s drawn from the model's predictive; shape (m, *f.shape)."""
         ys = self.sample(f, m, generator)
@@ -94,10 +114,27 @@ def _flat_outputs(f: Tensor) -> Tensor:
     return f.reshape(f.shape[0], -1)
 
 
+def _shape_name(shape: tuple[int, ...]) -> str:
+    return "(N,)" if len(shape) == 1 else "(N, " + ", ".join(f"d{i}" for i in range(1, len(shape))) + ")"
+
+
+def _one_hot(y: Tensor, c: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """one_hot(y) with the class axis at ``dim``."""
+    return torch.nn.functional.one_hot(y, c).to(dtype).movedim(-1, dim)
+
+
 class CrossEntropy(Likelihood):
-    """``nn.CrossEntropyLoss`` with integer class targets: ℓ_n = −log softmax(f_n)[y_n]."""
+    """``nn.CrossEntropyLoss`` with integer class targets: ℓ_n = −Σ_t log softmax(f_nt)[y_nt].
+
+    Outputs are (N, C) or, as torch allows, (N, C, d₁, …) with targets (N, d₁, …) (sequences,
+    segmentation): the class axis is dim 1 and each of the T = d₁·… positions is one unreduced
+    loss term of sample n, so ℓ_n sums over positions and R = 1/(N·T) for ``reduction="mean"``
+    (torch's mean over all N·T terms), exactly as MSE and BCE treat extra output dimensions.
+    ∇²_f ℓ_n is block diagonal over positions, with block diag(p_t) − p_t p_tᵀ.
+    """
 
     name = "cross_entropy"
+    feature_axis = 1
 
     def __init__(self, loss_fn: nn.CrossEntropyLoss) -> None:
         super().__init__(loss_fn)
@@ -109,47 +146,78 @@ class CrossEntropy(Likelihood):
                              "supported: use label_smoothing=0")
 
     def check(self, f: Tensor, y: Tensor) -> None:
-        if f.ndim != 2:
-            raise ValueError(f"CrossEntropyLoss needs model outputs of shape (N, C); got {tuple(f.shape)} "
-                             "(flatten spatial outputs into the batch first)")
+        if f.ndim < 2:
+            raise ValueError(f"CrossEntropyLoss needs model outputs of shape (N, C) or (N, C, d1, ...); "
+                             f"got {tuple(f.shape)}")
+        want = (f.shape[0], *f.shape[2:])
         if y.dtype != torch.long:
             raise TypeError(f"CrossEntropyLoss targets must be integer class indices (torch.long) of shape "
-                            f"(N,); got dtype {y.dtype} (probability targets are not supported)")
-        if y.shape != (f.shape[0],):
-            raise ValueError(f"CrossEntropyLoss targets must have shape (N,) = ({f.shape[0]},); "
-                             f"got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[1]):
-            bad = y[(y < 0) | (y >= f.shape[1])][0].item()
-            raise ValueError(f"CrossEntropyLoss target {bad} is outside [0, {f.shape[1]}) for a model "
-                             f"with {f.shape[1]} outputs")
+                            f"{_shape_name(want)}; got dtype {y.dtype} (probability targets are not supported)")
+        if tuple(y.shape) != want:
+            raise ValueError(f"CrossEntropyLoss targets must have shape {_shape_name(want)} = {want} for "
+                             f"model outputs of shape {tuple(f.shape)} (classes on dim 1); got {tuple(y.shape)}")
+        c = f.shape[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+            bad = y[(y < 0) | (y >= c)][0].item()
+            raise ValueError(f"CrossEntropyLoss target {bad} is outside [0, {c}) for a model "
+                             f"with {c} classes (output dim 1)")
+
+    def terms_per_sample(self, f: Tensor) -> int:
+        """T = d₁·… positions (1 for (N, C) outputs)."""
+        return math.prod(f.shape[2:])
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
-        return -torch.log_softmax(f, dim=1).gather(1, y[:, None]).squeeze(1)
+        terms = -torch.log_softmax(f, dim=1).gather(1, y[:, None]).squeeze(1)  # (N, d₁, …)
+        return _flat_outputs(terms).sum(dim=1) if terms.ndim > 1 else terms
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        # y may carry a leading sample axis (m, N, d₁, …): the class axis of the result is then dim 2
         p = torch.softmax(f, dim=1)
-        return p - torch.nn.functional.one_hot(y, f.shape[1]).to(p.dtype)
+        return p - _one_hot(y, f.shape[1], y.ndim - (f.ndim - 1) + 1, p.dtype)
 
     def hvp_output(self, f: Tensor, u: Tensor) -> Tensor:
         p = torch.softmax(f, dim=1)
         return p * u - p * (p * u).sum(dim=1, keepdim=True)
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
-        # S[c] = √p_c (e_c − p): Σ_c S_c S_cᵀ = diag(p) − 2ppᵀ + ppᵀ Σ_c p_c = diag(p) − ppᵀ.
-        p = torch.softmax(f, dim=1)  # (N, C)
-        sq = p.sqrt()
-        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
-        return sq.T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (C, N, C)
+        # per position t: S[c, t] = √p_ct (e_c − p_t) at t, zero elsewhere; Σ_c S S ᵀ = diag(p_t) − p_t p_tᵀ.
+        # k = C·T columns ordered (c, t); shape (C·T, N, C, d₁, …).
+        n, c = f.shape[:2]
+        t = math.prod(f.shape[2:])
+        p = torch.softmax(f, dim=1).reshape(n, c, t)
+        eye_c = torch.eye(c, dtype=f.dtype, device=f.device)
+        A = p.sqrt().permute(1, 2, 0)[..., None] * (eye_c[:, None, None, :] - p.permute(2, 0, 1)[None])  # (C,T,N,C)
+        if t == 1:
+            return A.reshape(c, n, *f.shape[1:])
+        eye_t = torch.eye(t, dtype=f.dtype, device=f.device)
+        S = A[..., None] * eye_t[None, :, None, None, :]  # (C, T, N, C, T)
+        return S.reshape(c * t, n, *f.shape[1:])
+
+    def positions(self, f: Tensor) -> int:
+        return math.prod(f.shape[2:])
+
+    def split_positions(self, g: Tensor) -> Tensor:
+        if g.ndim < 3:
+            return g[None]
+        n, c = g.shape[:2]
+        t = math.prod(g.shape[2:])
+        eye = torch.eye(t, dtype=g.dtype, device=g.device)
+        return (g.reshape(n, c, t)[None] * eye[:, None, None, :]).reshape(t, *g.shape)
+
+    def _draw(self, p: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """m labels per position from Categorical(p) (classes on dim 1): shape (m, N, d₁, …)."""
+        flat = p.movedim(1, -1).reshape(-1, p.shape[1])  # (N·T, C)
+        ys = torch.multinomial(flat, m, replacement=True, generator=generator).T  # (m, N·T)
+        return ys.reshape(m, p.shape[0], *p.shape[2:])
 
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        p = torch.softmax(f, dim=1)
-        return torch.multinomial(p, m, replacement=True, generator=generator).T  # (m, N)
+        return self._draw(torch.softmax(f, dim=1), m, generator)
 
     def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
         # the same draws as sample(), with the softmax computed once: p − onehot(ŷ_s)
         p = torch.softmax(f, dim=1)
-        ys = torch.multinomial(p, m, replacement=True, generator=generator).T  # (m, N)
-        return p[None] - torch.nn.functional.one_hot(ys, f.shape[1]).to(p.dtype)
+        ys = self._draw(p, m, generator)
+        return p[None] - _one_hot(ys, f.shape[1], 2, p.dtype)
 
 
 class SquaredError(Likelihood):

@@ -20,7 +20,7 @@ from torch import Tensor
 from curvlab.capture import capture, output_cotangents
 from curvlab.exact import hessian as _hessian
 from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_from_capture
-from curvlab.exact.products import operator
+from curvlab.exact.products import hessian_unavailable, operator
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
@@ -55,6 +55,9 @@ def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
             chunk: int | None = None) -> CurvatureMatrix:
     """The exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
     theta = _check(prob, structure, theta)
+    why = hessian_unavailable(prob, structure)  # a model without (forward-mode) second derivatives
+    if why:
+        raise ValueError(why)
     if structure == "operator":
         return operator(prob, "hessian", theta)
     fn = {"full": _hessian.hessian_dense, "block": _hessian.hessian_block, "diag": _hessian.hessian_diag}
@@ -83,12 +86,23 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: in
     return _from_cotangents(prob, structure, output_cotangents(prob, "mc", samples, seed), theta)
 
 
-def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
-    """The empirical Fisher R Σ_n ∇ℓ_n ∇ℓ_nᵀ with the data labels."""
+def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None,
+                     per: str = "sample") -> CurvatureMatrix:
+    """The empirical Fisher with the data labels, per sample or per output position.
+
+    ``per="sample"`` (default): R Σ_n ∇ℓ_n ∇ℓ_nᵀ, with ℓ_n sample n's loss summed over its output
+    positions — the Monte-Carlo Fisher with the true labels in place of the samples.
+    ``per="position"``: R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ, one outer product per loss term ℓ_nt of the T
+    output positions t of each sample: the axes after the class axis for CrossEntropyLoss's
+    (N, C, d₁, …) outputs, the axes between the batch and the last (feature) axis for MSE and BCE.
+    That is curvlinops' ``EFLinearOperator``, which flattens positions into the batch. The two
+    agree when outputs have no positions (T = 1); otherwise they differ by the cross-position
+    terms R Σ_n Σ_{t≠t'} ∇ℓ_nt ∇ℓ_nt'ᵀ. Both have the same scale R (``curvlab.losses``).
+    """
     theta = _check(prob, structure, theta)
     if structure == "operator":
-        return operator(prob, "empirical_fisher", theta)
-    return _from_cotangents(prob, structure, output_cotangents(prob, "empirical"), theta)
+        return operator(prob, "empirical_fisher", theta, per=per)
+    return _from_cotangents(prob, structure, output_cotangents(prob, "empirical", per=per), theta)
 
 
 def get(kind: str) -> Callable[..., CurvatureMatrix]:
