@@ -1,4 +1,4 @@
-"""CurvatureMatrix family: one protocol, many structures (dense, block-diagonal, diagonal, …).
+"""CurvatureMatrix family: one protocol, many structures (dense, block-diagonal, diagonal, low-rank, …).
 
 Nothing in this package knows about networks: these are symmetric matrices over a flat vector.
 """
@@ -8,6 +8,16 @@ from curvlab.linalg.block import BlockDiagonal
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.diagonal import Diagonal
 from curvlab.linalg.kron import EigenKron, Kron
+from curvlab.linalg.low_rank import (
+    ConcatFactor,
+    DenseFactor,
+    Factor,
+    KronRowsFactor,
+    LowRank,
+    StackFactor,
+    TransformedFactor,
+)
 from curvlab.linalg.operator import MatrixFree
 
-__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron"]
+__all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron",
+           "LowRank", "Factor", "DenseFactor", "KronRowsFactor", "ConcatFactor", "StackFactor", "TransformedFactor"]
