@@ -646,7 +646,8 @@ class LowRank(CurvatureMatrix):
     # ---------------------------------------------------------------- spectra
     def _eigvalsh(self) -> Tensor:
         sigma = self._spectrum()[0] if "spectrum" in self._cache else self._sigma()
-        return torch.sort(torch.cat([self.scale * sigma + self.shift, self._constant(self.size - sigma.numel())])).values
+        values = torch.cat([self.scale * sigma + self.shift, self._constant(self.size - sigma.numel())])
+        return torch.sort(values).values
 
     def _eigh(self) -> Eigh:
         sigma, Vg = self._spectrum()
