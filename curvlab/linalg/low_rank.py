@@ -390,7 +390,12 @@ class ConcatFactor(Factor):
         return torch.cat([f.rows() for f in self.factors], dim=1)
 
     def _gram(self) -> Tensor:
-        return sum(f.gram() for f in self.factors)
+        # the pieces' Grams are summed, not kept (r×r each); a piece reuses a Gram it already has
+        out = None
+        for f in self.factors:
+            G = f._cache["gram"] if "gram" in f._cache else f._gram()
+            out = G.clone() if out is None else out.add_(G)
+        return out
 
     def _cross(self, other: Factor) -> Tensor:
         return sum(f.cross_gram(other.restrict(slice(lo, hi))) for f, lo, hi in self._slices())
