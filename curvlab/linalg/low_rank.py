@@ -483,9 +483,12 @@ class LowRank(CurvatureMatrix):
     * ``solve(v, λ)``: Woodbury, (v − s Uᵀ(sG + c'I_r)⁻¹Uv)/c', one Cholesky of sG + c'I_r per
       damping, kept for later solves (an eigendecomposition of G when sG + c'I_r is not positive
       definite); λ < 0 raises, and c' = 0 with rank < P is singular: a ValueError asks for a damping.
+      When P < r (a small block, more rows than columns) the P×P system c'I + sUᵀU is the smaller
+      one and is factorised instead (same result; ``logdet`` and ``inverse`` use it too).
     * ``inverse(λ)``: again a LowRank, (C + λI)⁻¹ = c'⁻¹I − Uᵀ V diag(d) Vᵀ U with G = V diag(σ) Vᵀ
       and d_i = s/(c'(sσ_i + c')), i.e. shift 1/c', scale −sign(d), factor diag(√|d|) Vᵀ U
-      (a :class:`TransformedFactor`); dense, under the memory budget, if the d_i change sign.
+      (a :class:`TransformedFactor`); a Dense P×P matrix when P < r (the smaller form) or, under
+      the memory budget, when the d_i change sign.
     * ``eigvalsh``/``eigh``/``_top_eigen``: s·σ_i + c for the Gram eigenvalues σ_i > rtol·σ_max
       (default rtol = r·eps: smaller ones are numerically zero), eigenvectors Uᵀ V σ^{-1/2}, and
       c for the other P − rank eigenvalues; ``eigh`` completes the eigenvectors to an orthonormal
@@ -588,11 +591,24 @@ class LowRank(CurvatureMatrix):
                              "(e.g. solve(v, 1e-3)), which the Woodbury solve needs")
         return mu
 
+    def _primal(self) -> bool:
+        """Whether the P×P system is the smaller one (P < r) and fits the memory budget."""
+        P, r = self.size, self.factor.rank
+        return P < r and memory.nbytes((r + P, P), self.dtype) <= memory.get_budget()
+
     def _core(self, mu: float) -> tuple[str, Tensor, Tensor | None]:
-        """A factorisation of sG + μI_r: ("cholesky", L, None) or ("eigh", d, V) with d = sσ + μ."""
+        """A factorisation for the damping: ("primal", chol(sUᵀU + μI_P), None) when P < r, else
+        ("cholesky", chol(sG + μI_r), None), or ("eigh", d, V) with d = sσ + μ if that is not definite."""
         key = ("core", mu)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if not (isinstance(k, tuple) and k[0] == "core")}
+            if self._primal():
+                U = self.factor.rows()
+                L, info = torch.linalg.cholesky_ex(self.scale * (U.T @ U) + mu * torch.eye(
+                    self.size, dtype=self.dtype, device=self.device))
+                if int(info) == 0:
+                    self._cache[key] = ("primal", L, None)
+                    return self._cache[key]
             G = self.factor.gram()
             L, info = torch.linalg.cholesky_ex(self.scale * G + mu * torch.eye(G.shape[0], dtype=G.dtype,
                                                                                  device=G.device))
@@ -606,10 +622,6 @@ class LowRank(CurvatureMatrix):
                 self._cache[key] = ("eigh", d, V)
         return self._cache[key]
 
-    def _core_solve(self, mu: float, X: Tensor) -> Tensor:
-        kind, F, V = self._core(mu)
-        return torch.cholesky_solve(X, F) if kind == "cholesky" else V @ ((V.T @ X) / F[:, None])
-
     def _solve(self, V: Tensor, damping: float) -> Tensor:
         mu = self._identity_part(damping)
         if self.scale == 0:
@@ -617,13 +629,21 @@ class LowRank(CurvatureMatrix):
         if mu == 0:  # full rank without damping: C⁻¹ = Uᵀ V diag(1/(sσ²)) Vᵀ U
             sigma, Vg = self._spectrum()
             return self.factor.apply_t(Vg @ ((Vg.T @ self.factor.apply(V)) / (self.scale * sigma**2)[:, None]))
-        X = self._core_solve(mu, self.factor.apply(V))
+        kind, F, Vg = self._core(mu)
+        if kind == "primal":
+            return torch.cholesky_solve(V, F)
+        UV = self.factor.apply(V)
+        X = torch.cholesky_solve(UV, F) if kind == "cholesky" else Vg @ ((Vg.T @ UV) / F[:, None])
         return (V - self.scale * self.factor.apply_t(X)) / mu
 
     def _inverse(self, damping: float) -> CurvatureMatrix:
         mu = self._identity_part(damping)
         if self.scale == 0:
             return LowRank(self.factor, 0.0, 1.0 / mu, self.rtol)
+        from curvlab.linalg.dense import Dense
+
+        if mu != 0 and self._core(mu)[0] == "primal":  # P < r: the P×P inverse is the smaller form
+            return Dense(torch.cholesky_inverse(self._core(mu)[1]), symmetrize=True)
         if mu == 0:
             sigma, Vg = self._spectrum()
             return LowRank(TransformedFactor(self.factor, (Vg / sigma).T), 1.0 / self.scale, 0.0, self.rtol)
@@ -632,8 +652,6 @@ class LowRank(CurvatureMatrix):
         if bool((d > 0).all()) or bool((d < 0).all()):
             sign = 1.0 if bool((d > 0).all()) else -1.0
             return LowRank(TransformedFactor(self.factor, (Vg * d.abs().sqrt()).T), -sign, 1.0 / mu, self.rtol)
-        from curvlab.linalg.dense import Dense
-
         memory.check(self.shape, self.dtype, "the inverse of an indefinite low-rank matrix (dense)")
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         return Dense(self._solve(eye, damping), symmetrize=True)
@@ -644,6 +662,8 @@ class LowRank(CurvatureMatrix):
         mu = self._identity_part(damping)
         if self.scale != 0 and mu > 0:
             kind, F, _ = self._core(mu)
+            if kind == "primal":
+                return 2.0 * torch.log(F.diagonal()).sum()
             if kind == "cholesky":
                 return 2.0 * torch.log(F.diagonal()).sum() + (self.size - self.factor.rank) * math.log(mu)
         return super().logdet(damping)

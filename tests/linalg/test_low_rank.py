@@ -252,6 +252,9 @@ def test_inverse_is_low_rank_plus_identity():
     inv = C.inverse(0.3)
     assert isinstance(inv, LowRank) and inv.shift == pytest.approx(1 / 0.5) and inv.scale == -1.0
     close(inv.inverse(0.0).to_dense(), M + 0.3 * torch.eye(9, dtype=f64), 1e-9)
+    tall, N = low_rank_case(5, 8)  # more rows than columns: the P×P system is the smaller one
+    assert isinstance(tall.inverse(0.1), Dense)
+    close(tall.inverse(0.1).to_dense(), torch.linalg.inv(N + 0.1 * torch.eye(5, dtype=f64)))
 
 
 def test_scaled_and_added():
