@@ -96,6 +96,11 @@ REGISTRY: dict[str, Spec] = {
         dataset="digits", loss=nn.CrossEntropyLoss,
         model=lambda: _mlp([64, 64, 64, 10], nn.Tanh), data=_digits_standardized,
         architecture="64-64-64-10, tanh"),
+    "digits-mlp-1m": Spec(
+        description="million-parameter MLP classifier on standardised digits (dense matrices refuse; low-rank)",
+        dataset="digits", loss=nn.CrossEntropyLoss,
+        model=lambda: _mlp([64, 1024, 1024, 10], nn.Tanh), data=_digits_standardized,
+        architecture="64-1024-1024-10, tanh"),
     "digits-autoencoder": Spec(
         description="autoencoder reconstructing digit pixels in [0, 1]",
         dataset="digits", loss=nn.BCEWithLogitsLoss,

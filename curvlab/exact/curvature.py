@@ -8,7 +8,9 @@ Scale (``shared/design.md``): with L(θ) = R Σ_n ℓ_n,
     empirical_fisher  = R Σ_n ∇ℓ_n(y_n) ∇ℓ_n(y_n)ᵀ
 
 ``structure``: ``"full"`` (Dense P×P), ``"block"`` (BlockDiagonal of the exact diagonal blocks of
-``prob.partition``), ``"diag"`` (Diagonal), ``"operator"`` (MatrixFree: products only).
+``prob.partition``), ``"diag"`` (Diagonal), ``"operator"`` (MatrixFree: products only), and for the
+Fisher-type kinds ``"low_rank"`` (LowRank UᵀU from the per-sample factor rows) and
+``"block_low_rank"`` (BlockDiagonal with one LowRank per partition block).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from curvlab.capture import capture, output_cotangents
 from curvlab.exact import hessian as _hessian
+from curvlab.exact.low_rank import block_low_rank_from_capture, low_rank_from_capture
 from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_from_capture
 from curvlab.exact.products import hessian_unavailable, operator
 from curvlab.linalg import CurvatureMatrix
@@ -26,7 +29,9 @@ from curvlab.problem import Problem
 
 __all__ = ["hessian", "ggn", "fisher_mc", "empirical_fisher", "STRUCTURES", "KINDS"]
 
-STRUCTURES = ("full", "block", "diag", "operator")
+STRUCTURES = ("full", "block", "diag", "operator", "low_rank", "block_low_rank")
+#: structures built from the factor rows of a sum of outer products (not for the Hessian)
+LOW_RANK = ("low_rank", "block_low_rank")
 KINDS = ("hessian", "ggn", "fisher_mc", "empirical_fisher")
 
 
@@ -48,6 +53,10 @@ def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor
         return dense_from_capture(cap, prob.num_params)
     if structure == "block":
         return block_from_capture(cap, prob.partition)
+    if structure == "low_rank":
+        return low_rank_from_capture(cap, prob.num_params)
+    if structure == "block_low_rank":
+        return block_low_rank_from_capture(cap, prob.partition)
     return diag_from_capture(cap, prob.num_params)
 
 
@@ -55,6 +64,10 @@ def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
             chunk: int | None = None) -> CurvatureMatrix:
     """The exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
     theta = _check(prob, structure, theta)
+    if structure in LOW_RANK:
+        raise ValueError(f"structure {structure!r} is for ggn, fisher_mc and empirical_fisher (sums of outer "
+                         "products UᵀU); the Hessian is not one (it can be indefinite): use 'full', 'block', "
+                         "'diag' or 'operator'")
     why = hessian_unavailable(prob, structure)  # a model without (forward-mode) second derivatives
     if why:
         raise ValueError(why)

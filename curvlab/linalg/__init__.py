@@ -1,4 +1,4 @@
-"""CurvatureMatrix family: one protocol, many structures (dense, block-diagonal, diagonal, …).
+"""CurvatureMatrix family: one protocol, many structures (dense, block-diagonal, diagonal, low-rank, …).
 
 Nothing in this package knows about networks: these are symmetric matrices over a flat vector.
 """
@@ -9,7 +9,17 @@ from curvlab.linalg.dense import Dense
 from curvlab.linalg.diagonal import Diagonal
 from curvlab.linalg.kron import EigenKron, Kron, KroneckerFactored
 from curvlab.linalg.layout import KronLayout
+from curvlab.linalg.low_rank import (
+    ConcatFactor,
+    DenseFactor,
+    Factor,
+    KronRowsFactor,
+    LowRank,
+    StackFactor,
+    TransformedFactor,
+)
 from curvlab.linalg.operator import MatrixFree
 
 __all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron",
-           "KroneckerFactored", "KronLayout", "check_damping", "DENSE_EIGH_LIMIT"]
+           "KroneckerFactored", "KronLayout", "check_damping", "DENSE_EIGH_LIMIT", "LowRank", "Factor",
+           "DenseFactor", "KronRowsFactor", "ConcatFactor", "StackFactor", "TransformedFactor"]
