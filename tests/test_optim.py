@@ -238,3 +238,33 @@ def test_train_is_reproducible_and_leaves_the_problem_alone():
     assert (a["loss"].values == b["loss"].values).all()
     assert torch.equal(prob.theta, theta)
     assert a["loss"].attrs["units"] == "loss"
+
+
+def test_ng_reaches_the_least_squares_solution_in_one_step():
+    """A model linear in θ with squared error: GGN = Hessian, so NG with λ → 0 and lr 1 is Newton."""
+    model, X, Y = _least_squares()
+    opt = optim.make("ng", model, nn.MSELoss(), lr=1.0, damping=1e-12)
+    opt.step(X, Y)
+    assert rel(opt.theta(), _ls_solution(X, Y)) < 1e-8
+
+
+@pytest.mark.parametrize("method,structure", [("ng", "full"), ("ng-block", "block")])
+def test_ng_step_is_the_dense_damped_ggn_solve_of_the_batch(method, structure):
+    prob = cl.problems.load("digits-mlp", n=128, seed=3)
+    lam = 1e-2
+    opt = optim.make(method, cl.problems.load("digits-mlp", n=128, seed=3).model, prob.loss_fn, lr=1.0, damping=lam)
+    ix = optim.batches(prob.num_samples, 48, 1, seed=0)[0]
+    batch = prob.with_batch(prob.X[ix], prob.y[ix])
+    ref = cl.exact.ggn(batch, structure=structure).direction(batch.gradient(), lam)
+    before = opt.theta()
+    opt.step(prob.X[ix], prob.y[ix])
+    assert rel(opt.theta() - before, ref) < 1e-9
+    assert opt.curvature().structure in ("low_rank", "block[low_rank]")
+
+
+@pytest.mark.parametrize("method", ["ng", "ng-block"])
+def test_ng_trains_digits_mlp(method):
+    prob = cl.problems.load("digits-mlp", n=256, seed=0)
+    ds = optim.train(prob, method, steps=50, batch_size=64, seed=0, progress=False)  # the defaults
+    loss = ds["loss"].values
+    assert bool(torch.isfinite(torch.as_tensor(loss)).all()) and loss[-1] < 0.9 * loss[0]
