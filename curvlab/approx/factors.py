@@ -37,6 +37,7 @@ weight and bias sit in the same partition block).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Block, Partition, Problem
 
 __all__ = ["FISHER_TYPES", "APPROXIMATIONS", "UNSUPPORTED", "KronPiece", "BlockPlan", "Collection",
-           "collect"]
+           "collect", "check_options"]
 
 APPROXIMATIONS = ("expand", "reduce")
 UNSUPPORTED = ("error", "exact")
@@ -232,39 +233,55 @@ def _owner_types(prob: Problem) -> dict[str, str]:
     return out
 
 
-def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str]) -> ValueError:
+def _unsupported_error(prob: Problem, names: list[str], method: str, reused: set[str],
+                       exact_fallback: bool = True) -> ValueError:
     types = _owner_types(prob)
     listed = ", ".join(f"{n!r} ({types[n]}{', applied more than once per forward pass' if n in reused else ''})"
                        for n in names)
+    instead = ("Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+               "instead, or freeze them (requires_grad=False)." if exact_fallback else
+               "Freeze them (requires_grad=False), or use a method with an exact fallback such as "
+               "curvlab.approx.kfac(prob, unsupported='exact').")
     return ValueError(
         f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
-        f"each applied once per forward pass); these parameters are not: {listed}. Pass "
-        f"unsupported='exact' to take the blocks that contain them from the oracle's exact block "
-        f"instead, or freeze them (requires_grad=False).")
+        f"each applied once per forward pass); these parameters are not: {listed}. {instead}")
+
+
+def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
+    """The options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
+    if fisher is not None and fisher not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
+    if not isinstance(mc_samples, Integral) or isinstance(mc_samples, bool) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
+    if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"unknown approx {approx!r}: use one of {APPROXIMATIONS}")
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unknown unsupported={unsupported!r}: use one of {UNSUPPORTED}")
 
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
             unsupported: str = "error", method: str = "kfac") -> Collection:
     """One forward and one batched backward pass; a Kronecker plan for every partition block.
 
-    ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
+    ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods), which
+    have no exact block to fall back on: ``unsupported="exact"`` raises for them.
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"unknown approx {approx!r}: use one of {APPROXIMATIONS}")
-    if unsupported not in UNSUPPORTED:
-        raise ValueError(f"unknown unsupported={unsupported!r}: use one of {UNSUPPORTED}")
+    check_options(fisher, mc_samples, seed, approx, unsupported)
+    mc_samples, seed = int(mc_samples), int(seed)
     if fisher is None:
         if unsupported == "exact":
-            raise ValueError(f"{method} has no exact counterpart for unsupported parameters (it uses no "
-                             "Fisher); use unsupported='error'")
+            raise ValueError(f"{method} has no exact counterpart for unsupported parameters: it uses no Fisher "
+                             "(no output factor, no backward pass), so no oracle block matches its scale; "
+                             "use unsupported='error' and freeze those parameters (requires_grad=False), or "
+                             "a method with an exact fallback such as kfac(prob, unsupported='exact')")
 
         def cot(f: Tensor) -> Tensor:
             return f.new_zeros((0, *f.shape))
     else:
-        if fisher == "mc" and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
-            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
         cot = output_cotangents(prob, fisher, mc_samples, seed)
 
     layers = supported_layers(prob)
@@ -274,14 +291,14 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
         pre_covered.update(n for n in (prefix + "weight", prefix + "bias") if n in prob.param_slices)
     missing = [n for n in prob.param_names if n not in pre_covered]
     if missing and unsupported == "error":
-        raise _unsupported_error(prob, missing, method, set())
+        raise _unsupported_error(prob, missing, method, set(), exact_fallback=fisher is not None)
 
     cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
     covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
     missing = [n for n in prob.param_names if n not in covered]
     if missing and unsupported == "error":  # layers applied several times fall back to generic rows
-        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered)
+        raise _unsupported_error(prob, missing, method, set(missing) & pre_covered, exact_fallback=fisher is not None)
 
     plans = []
     for block in prob.partition:
