@@ -27,10 +27,14 @@ from curvlab.linalg import BlockDiagonal, CurvatureMatrix
 from curvlab.linalg.base import as_vectors
 from curvlab.linalg.kron import DAMPING_MODES, _KronLayout
 
-__all__ = ["Approximation", "assemble", "MODES"]
+__all__ = ["Approximation", "assemble", "MODES", "OWN_MODES"]
 
 #: the damping modes of every approximation ("own" resolves to the method's own rule)
 MODES = (*DAMPING_MODES, "own")
+
+#: each approximator's own damping rule (``mode="own"``): its paper's rule
+OWN_MODES: dict[str, str] = {"kfac": "pi", "ekfac": "exact", "tkfac": "trace", "tekfac": "trace", "foof": "exact",
+                             "kfoc": "pi"}
 
 
 def _exact_damping(damping: Any) -> float:

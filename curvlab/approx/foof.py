@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import KronPiece, collect
 from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
@@ -60,4 +60,5 @@ def foof(prob: Problem, fisher: str | None = None, mc_samples: int = 1, seed: in
         eye = torch.eye(p.d_out, dtype=A.dtype, device=A.device)
         return Kron(A, eye, bias=p.folded), {}
 
-    return assemble(col, build, "foof", "forward_only", "exact", {"approx": approx, "unsupported": unsupported})
+    return assemble(col, build, "foof", "forward_only", OWN_MODES["foof"],
+                    {"approx": approx, "unsupported": unsupported})

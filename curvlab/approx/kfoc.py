@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import KronPiece, _chunks, collect
 from curvlab.approx.kfac import _options
 from curvlab.linalg.kron import Kron
@@ -178,4 +178,4 @@ def kfoc(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
                           RuntimeWarning, stacklevel=3)
         return Kron(s * v, u / s, bias=p.folded), info
 
-    return assemble(col, build, "kfoc", "kron", "pi", _options(col, mc_samples, seed, unsupported))
+    return assemble(col, build, "kfoc", "kron", OWN_MODES["kfoc"], _options(col, mc_samples, seed, unsupported))
