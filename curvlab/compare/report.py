@@ -600,6 +600,11 @@ def _step_table(ds: xr.Dataset, reference: str, damping: float) -> str:
 def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
                    damping: float | None) -> tuple[list[str], float]:
     """The references (default: all of them) and the damping (default: the middle one) to format."""
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected the xarray.Dataset of curvlab.compare.report; got {type(ds).__name__}")
+    missing = [v for v in ("cosine", "relative_error", "direction_cosine", "step_norm", "loss") if v not in ds]
+    if missing:
+        raise ValueError(f"not a curvlab compare report: it lacks the variables {', '.join(missing)}")
     have = [str(r) for r in ds.reference.values]
     refs = have if reference is None else [reference] if isinstance(reference, str) else list(reference)
     unknown = [r for r in refs if r not in have]

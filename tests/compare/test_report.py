@@ -181,6 +181,10 @@ def test_format_report_shows_every_reference(ds):
         cc.format_report(ds, reference="ef")
     with pytest.raises(ValueError, match="damping 0.5 is not in the report; it has 0.01, 0.1"):
         cc.format_report(ds, damping=0.5)
+    with pytest.raises(ValueError, match="not a curvlab compare report"):
+        cc.format_report(xr.Dataset({"temperature": ("time", [1.0, 2.0])}))
+    with pytest.raises(TypeError, match="xarray.Dataset"):
+        cc.format_report({"cosine": 1.0})
 
 
 def test_arguments_are_checked_before_anything_is_built(prob, monkeypatch):
