@@ -170,7 +170,7 @@ def _bad_options(tmp: str) -> list[tuple[list[str], str]]:
         (["--damping", "-1"], "finite non-negative"), (["--damping", "nan"], "finite non-negative"),
         (["--damping", "0.1,0.1"], "listed twice"), (["--k", "0"], "argument --k: must be at least 1"),
         (["--damping-rule", "pi"], "invalid choice"), (["--step", "x"], "--step: use armijo, model or a number"),
-        (["--step", "inf"], "finite learning rate"),
+        (["--step", "inf"], "finite positive learning rate"), (["--step", "-1"], "finite positive learning rate"),
         (["--mc-samples", "0"], "argument --mc-samples: must be at least 1; got 0"),
         (["--mc-samples", "-2"], "argument --mc-samples: must be at least 1; got -2"),
         (["--out", tmp], "is a folder"), (["--out", f"{tmp}/file/r.nc"], "--out: cannot write into"),

@@ -169,8 +169,8 @@ def check_arguments(methods: Sequence[str] | Mapping[str, Any] = _methods.DEFAUL
     if damping_rule not in ("own", "exact"):
         raise ValueError(f"damping_rule must be 'own' or 'exact'; got {damping_rule!r}")
     if isinstance(step, bool) or not (step in ("armijo", "model") or
-                                      (isinstance(step, (int, float)) and math.isfinite(step))):
-        raise ValueError(f'step must be "armijo", "model" or a finite learning rate; got {step!r}')
+                                      (isinstance(step, (int, float)) and math.isfinite(step) and step > 0)):
+        raise ValueError(f'step must be "armijo", "model" or a finite positive learning rate; got {step!r}')
     if not _is_int(k) or k < 1:
         raise ValueError(f"k (the number of top eigenpairs) must be a positive integer; got {k!r}")
     if not _is_int(mc_samples) or mc_samples < 1:

@@ -202,6 +202,8 @@ def test_arguments_are_checked_before_anything_is_built(prob, monkeypatch):
         ({"damping": [0.1, 0.1]}, "a damping is listed twice"),
         ({"damping": "abc"}, "damping must be a number or a list of numbers"),
         ({"methods": ["kfac", "kfac"]}, "listed twice"),
+        ({"step": -0.1}, "finite positive learning rate; got -0.1"),
+        ({"step": 0}, "finite positive learning rate; got 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             cc.report(prob, **{"methods": ["ggn", "kfac-mc"], **kwargs})
