@@ -285,3 +285,21 @@ def test_methods_lists_the_registry(capsys):
     for name in methods.names():
         assert name in help_text
     assert "`curvlab methods`" in help_text
+
+
+def test_help_problems_and_methods_import_nothing_heavy():
+    """The fast start: these commands need torch only, not xarray, scipy, matplotlib or torch's compiler."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("xarray", "pandas", "scipy", "matplotlib", "seaborn", "h5netcdf", "torch._dynamo")
+    code = ("import contextlib, io, sys\nfrom curvlab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    codes = [main(['--help']), main(['problems']), main(['methods']), main(['compare', '--help'])]\n"
+            "assert codes == [0] * 4, codes\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
