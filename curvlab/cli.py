@@ -1,6 +1,7 @@
 """The ``curvlab`` command line: one small function per subcommand, all registered in :data:`COMMANDS`.
 
     curvlab problems                      the canned problems
+    curvlab methods                       the method names compare accepts: what each is, structure, damping
     curvlab oracle NAME [--n N] ...       a problem's exact curvature: traces, top eigenvalues, timings
     curvlab compare NAME [--methods ...]  agreement report (netCDF + figures under data/results/)
     curvlab plot FILE.nc                  redraw a saved report's figures beside it
@@ -9,9 +10,15 @@ Adding a subcommand: write ``_configure_x(parser)`` (its arguments; :func:`add_p
 gives the usual NAME/--n/--seed/--dtype) and ``_run_x(args) -> int`` (prints to stdout, returns the
 exit status), and append ``Command("x", "one-line help", _configure_x, _run_x)`` to ``COMMANDS``.
 
-User errors — bad arguments, an unknown problem, a matrix over the memory budget, any ``ValueError``
-or ``TypeError`` raised while running — print one line to stderr and exit with status 2; pass
-``--traceback`` (before the subcommand) to see the full traceback instead.
+User errors — bad arguments, an unknown problem, a bad ``CURVLAB_MAX_DENSE_BYTES``, a matrix over the
+memory budget, a file that cannot be read or written, any ``ValueError`` or ``TypeError`` raised while
+running — print one line to stderr and exit with status 2; pass ``--traceback`` (before the
+subcommand) to see the full traceback instead. Every argument is checked before any computation.
+Warnings are printed as one line each (``curvlab CMD: warning: …``), without source lines.
+
+Only the standard library and torch are imported at start-up; everything heavy (xarray,
+matplotlib, seaborn, scipy) is imported by the subcommand that needs it, so ``curvlab --help`` and
+``curvlab problems`` cost little more than ``import torch``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -42,6 +50,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ ``low`` (one-line error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _dpi(text: str) -> int:
+    """An argparse type: a resolution within ``curvlab.plot.DPI_RANGE``."""
+    from curvlab.plot import DPI_RANGE
+
+    value = _int_at_least(1)(text)
+    if not DPI_RANGE[0] <= value <= DPI_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be from {DPI_RANGE[0]} to {DPI_RANGE[1]}; got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help text wrapped between words only: method names such as ``kfac-exact`` stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its name, one-line help, how to declare its arguments, and what it runs."""
@@ -61,9 +104,10 @@ def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
     from curvlab import problems
 
     parser.add_argument("name", metavar="NAME", help="a canned problem (see `curvlab problems`)")
-    parser.add_argument("--n", type=int, default=problems.DEFAULT_N,
+    parser.add_argument("--n", type=_int_at_least(1), default=problems.DEFAULT_N,
                         help=f"number of samples (default {problems.DEFAULT_N})")
-    parser.add_argument("--seed", type=int, default=0, help="data subset and initialisation seed (default 0)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="data subset and initialisation seed (default 0)")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="float64", help="default float64")
 
 
@@ -109,37 +153,83 @@ def _run_problems(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- curvlab methods
+#: what each damping rule of the method registry means (``mode`` of ``C.direction``)
+_DAMPING_RULES = {
+    "exact": "(C + λI)⁻¹",
+    "pi": "π-damping (A + π√λ I) ⊗ (G + √λ/π I)",
+    "factored": "factored (A + √λI) ⊗ (G + √λI)",
+    "trace": "trace-normalised factored (TKFAC)",
+}
+
+
+def _configure_methods(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _damping_rule(name: str, spec: Any) -> str:
+    """A registry entry's damping rule in words; "own" is the method's paper's rule (see curvlab.approx)."""
+    if spec.family == "first-order":
+        return "none (x = −g)"
+    if spec.mode != "own":
+        return _DAMPING_RULES.get(spec.mode, spec.mode)
+    from curvlab.approx.base import OWN_MODES
+
+    own = OWN_MODES.get(name.split("-")[0])
+    return f"own: {_DAMPING_RULES[own]}" if own else "own (the method's paper)"
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from curvlab.compare import methods
+
+    rows = [[name, spec.family, spec.structure, _damping_rule(name, spec), spec.description]
+            for name, spec in methods.REGISTRY.items()]
+    print(format_table(["name", "family", "structure", "damping rule", "what it is"], rows,
+                       right=[False] * 5))
+    aliases = ", ".join(f"{a} = {n}" for a, n in methods.ALIASES.items())
+    print(f"\nalso accepted: {aliases}\n`compare --damping-rule exact` replaces every 'own' rule by (C + λI)⁻¹; "
+          "references (--references) must be matrices (not sgd)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- curvlab oracle
 _ORACLE_KINDS = ("hessian", "ggn", "fisher_mc", "empirical_fisher")
+#: registry name (curvlab.compare.methods, which also resolves its aliases) → oracle kind
+_REGISTRY_KINDS = {"hessian": "hessian", "ggn": "ggn", "fisher-mc": "fisher_mc", "ef": "empirical_fisher"}
 
 
 def _configure_oracle(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser)
     parser.add_argument("--kinds", default="hessian,ggn,empirical_fisher",
                         help="comma-separated curvatures among " + ", ".join(_ORACLE_KINDS)
-                        + " (default hessian,ggn,empirical_fisher)")
-    parser.add_argument("--mc-samples", type=int, default=1,
+                        + " (also ef, fisher-mc, newton, gn …; default hessian,ggn,empirical_fisher)")
+    parser.add_argument("--mc-samples", type=_int_at_least(1), default=1,
                         help="labels drawn per input for fisher_mc (default 1)")
-    parser.add_argument("--top", type=int, default=5, help="how many top eigenvalues to show (default 5)")
+    parser.add_argument("--top", type=_int_at_least(1), default=5,
+                        help="how many top eigenvalues to show (default 5)")
 
 
 def _parse_kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in _ORACLE_KINDS]
+    from curvlab.compare.methods import canonical
+
+    kinds, bad = [], []
+    for k in (k.strip() for k in text.split(",")):
+        if not k:
+            continue
+        try:
+            kinds.append(_REGISTRY_KINDS[canonical(k)])
+        except (ValueError, KeyError):
+            bad.append(k)
     if bad or not kinds:
         raise UsageError(f"--kinds: unknown curvature {', '.join(bad) or repr(text)}; use "
-                         + ", ".join(_ORACLE_KINDS))
-    return kinds
+                         + ", ".join(_ORACLE_KINDS) + " (or ef, fisher-mc)")
+    return list(dict.fromkeys(kinds))
 
 
 def _run_oracle(args: argparse.Namespace) -> int:
     from curvlab import exact
 
     kinds = _parse_kinds(args.kinds)
-    if args.top < 1:
-        raise UsageError(f"--top must be at least 1; got {args.top}")
-    if args.mc_samples < 1:
-        raise UsageError(f"--mc-samples must be at least 1; got {args.mc_samples}")
     prob = problem_from_args(args)
     g = prob.gradient()
     loss_name = f"{type(prob.loss_fn).__name__}({prob.likelihood.reduction})"
@@ -179,25 +269,37 @@ def _run_oracle(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- curvlab compare
+def _method_names_help() -> tuple[str, str]:
+    """(every method name, the matrix ones usable as references), for ``compare --help``."""
+    from curvlab.compare.methods import REGISTRY
+
+    return (", ".join(REGISTRY), ", ".join(n for n, s in REGISTRY.items() if s.family != "first-order"))
+
+
 def _configure_compare(parser: argparse.ArgumentParser) -> None:
     from curvlab.compare.methods import DEFAULT_METHODS
 
+    names, matrices = _method_names_help()
     add_problem_arguments(parser)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated method names (default: " + ",".join(DEFAULT_METHODS)
-                        + "); see curvlab.compare.methods")
-    parser.add_argument("--references", default="ggn", help="comma-separated exact references (default ggn)")
+                        help="comma-separated method names (default: " + ", ".join(DEFAULT_METHODS)
+                        + "); valid: " + names + " (`curvlab methods` says what each is)")
+    parser.add_argument("--references", default="ggn",
+                        help="comma-separated matrices to compare against (default ggn); valid: " + matrices)
     parser.add_argument("--damping", default="1e-3,1e-2,1e-1", help="comma-separated dampings (default 1e-3,1e-2,1e-1)")
-    parser.add_argument("--k", type=int, default=20, help="top eigenpairs for ratios and overlaps (default 20)")
+    parser.add_argument("--k", type=_int_at_least(1), default=20,
+                        help="top eigenpairs for ratios and overlaps (default 20)")
     parser.add_argument("--damping-rule", choices=["own", "exact"], default="own",
                         help="own: each method's damping rule (KFAC: pi); exact: (C + λI)⁻¹ for all (default own)")
     parser.add_argument("--step", default="armijo",
                         help="step size for the loss changes: armijo, model, or a learning rate (default armijo)")
-    parser.add_argument("--mc-samples", type=int, default=1, help="labels per input for Monte-Carlo methods")
+    parser.add_argument("--mc-samples", type=_int_at_least(1), default=1,
+                        help="labels per input for Monte-Carlo methods (default 1)")
     parser.add_argument("--top-only", action="store_true",
                         help="top-k eigenpairs only (no full spectra: faster for large P)")
     parser.add_argument("--out", default=None, help="netCDF file to write (default data/results/NAME-compare.nc)")
     parser.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
+    parser.add_argument("--dpi", type=_dpi, default=130, help="resolution of the PNG figures (default 130)")
     parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
 
 
@@ -208,11 +310,9 @@ def _csv(text: str, what: str) -> list[str]:
     return items
 
 
-def _run_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from curvlab import plot
-    from curvlab.compare import format_report, report, save
+def _compare_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's keyword arguments from the command line, all checked (nothing is computed)."""
+    from curvlab.compare.report import check_arguments
 
     try:
         dampings = [float(d) for d in _csv(args.damping, "--damping")]
@@ -224,27 +324,36 @@ def _run_compare(args: argparse.Namespace) -> int:
             step = float(step)
         except ValueError:
             raise UsageError(f"--step: use armijo, model or a number; got {args.step!r}") from None
-    if args.k < 1:
-        raise UsageError(f"--k must be at least 1; got {args.k}")
+    options = dict(methods=_csv(args.methods, "--methods"), damping=dampings,
+                   references=_csv(args.references, "--references"), k=args.k, damping_rule=args.damping_rule,
+                   step=step, mc_samples=args.mc_samples, seed=args.seed)
+    check_arguments(**options)
+    return options
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from curvlab import plot
+    from curvlab.compare.report import format_report, report, save
+
+    options = _compare_options(args)
     out = Path(args.out) if args.out else Path("data") / "results" / f"{args.name}-compare.nc"
-    _check_writable(out)  # before the report's minutes of work, not after
     prob = problem_from_args(args)
+    _check_writable(out)  # before the report's minutes of work, not after
     t0 = time.perf_counter()
 
     def progress(msg: str) -> None:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    ds = report(prob, methods=_csv(args.methods, "--methods"), damping=dampings,
-                references=_csv(args.references, "--references"), k=args.k, full_spectrum=not args.top_only,
-                damping_rule=args.damping_rule, step=step, mc_samples=args.mc_samples, seed=args.seed,
-                skip_unavailable=True, progress=progress)
+    ds = report(prob, full_spectrum=not args.top_only, skip_unavailable=True, progress=progress, **options)
     print(format_report(ds))
     try:
         path = save(ds, out)
         print(f"\nwrote {path}  ({time.perf_counter() - t0:.0f} s)")
         if not args.no_figures:
-            for fig in plot.save_figures(ds, path.with_suffix("")):
+            for fig in plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi):
                 print(f"wrote {fig}")
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc}") from None
@@ -268,23 +377,44 @@ def _check_writable(out: Any) -> None:
 # ---------------------------------------------------------------------------- curvlab plot
 def _configure_plot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE.nc", help="a report written by `curvlab compare`")
-    parser.add_argument("--dpi", type=int, default=130, help="resolution of the PNGs (default 130)")
+    parser.add_argument("--dpi", type=_dpi, default=130, help="resolution of the PNGs (default 130)")
+
+
+def _load_report(path: Any) -> Any:
+    """The report in ``path``, or a one-line UsageError: missing, unreadable, or not a report."""
+    from curvlab import plot
+    from curvlab.compare.report import load
+
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a report file (FILE.nc) written by `curvlab compare`")
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    with warnings.catch_warnings(record=True) as caught:  # a foreign file's reader warnings: moot if refused
+        warnings.simplefilter("always")
+        try:
+            ds = load(path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise UsageError(f"cannot read {path} as netCDF: {exc}") from None
+        try:
+            plot.check_report(ds)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{path}: {exc}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
 
 
 def _run_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from curvlab import plot
-    from curvlab.compare import load
 
     path = Path(args.file)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
+    ds = _load_report(path)
     try:
-        ds = load(path)
+        written = plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi)
     except OSError as exc:
-        raise UsageError(f"cannot read {path} as netCDF: {exc}") from None
-    written = plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi)
+        raise UsageError(f"cannot write the figures beside {path}: {exc}") from None
     if not written:
         raise UsageError(f"{path} holds no variables these figures draw (is it a `curvlab compare` report?)")
     for fig in written:
@@ -296,6 +426,8 @@ def _run_plot(args: argparse.Namespace) -> int:
 #: Every subcommand, in the order ``curvlab --help`` lists them.
 COMMANDS: list[Command] = [
     Command("problems", "list the canned problems", _configure_problems, _run_problems),
+    Command("methods", "list the method names compare accepts: what each is, its structure and damping rule",
+            _configure_methods, _run_methods),
     Command("oracle", "summarise a problem's exact Hessian, GGN and empirical Fisher", _configure_oracle,
             _run_oracle),
     Command("compare", "agreement report: KFAC family vs exact curvature (matrices, spectra, directions)",
@@ -308,12 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
     from curvlab import __version__
 
-    parser = _Parser(prog="curvlab", description="Exact curvature of small networks vs the KFAC family.")
+    parser = _Parser(prog="curvlab", description="Exact curvature of small networks vs the KFAC family.",
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"curvlab {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter)
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
     return parser
@@ -321,27 +454,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``curvlab ARGV``; returns the exit status (0 success, 2 user error, 130 interrupted)."""
-    from curvlab.memory import MemoryBudgetError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; user errors become one line on stderr and status 2."""
+    from curvlab import memory
+
     try:
+        memory.get_budget()  # a bad CURVLAB_MAX_DENSE_BYTES is a user error, reported before any work
         return int(args._run(args))
-    except (UsageError, ValueError, TypeError, MemoryBudgetError) as exc:
+    except (UsageError, ValueError, TypeError, OSError, MemoryError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `curvlab problems | head`: the reader left; stop quietly
+            _silence_stdout()
+            return 0
         if args.traceback:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        if type(exc) is MemoryError:  # a real allocation failure, not curvlab's budget
+            msg = f"out of memory ({msg}): use a smaller --n, a cheaper structure or fewer methods"
         print(f"curvlab {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("curvlab: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `curvlab problems | head`: the reader left; stop quietly
-        _silence_stdout()
-        return 0
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints ``curvlab COMMAND: warning: message`` (no source line)."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        text = str(message).strip()
+        first = text.splitlines()[0] if text else category.__name__
+        print(f"curvlab {command}: warning: {first}", file=sys.stderr if file is None else file)
+
+    return show
 
 
 def _silence_stdout() -> None:

@@ -8,20 +8,62 @@
     curvlab.plot.save_figures(ds, "data/results/digits-mlp")   # all four as PNGs
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no display
-needed (headless), and the caller's backend is left alone.
+needed (headless), and the caller's backend is left alone. Figures are sized by what they show
+(methods, rungs, blocks), long tick labels are rotated and titles wrapped to the figure's width, so
+no text overlaps or is clipped. matplotlib, seaborn and xarray are imported on first use.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
-from matplotlib.figure import Figure
 
-__all__ = ["direction_cosines", "spectra", "ladder", "layer_errors", "save_figures", "FIGURES"]
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+    from matplotlib.figure import Figure
+
+__all__ = ["direction_cosines", "spectra", "ladder", "layer_errors", "save_figures", "check_report", "FIGURES",
+           "DPI_RANGE"]
+
+#: the resolutions :func:`save_figures` accepts (dots per inch): beyond 600 a figure is hundreds of megapixels
+DPI_RANGE = (20, 600)
+
+#: what every figure reads: dimensions, data variables and coordinates of a ``curvlab.compare.report``
+_REPORT_DIMS = ("method", "reference", "block", "damping")
+_REPORT_VARS = ("cosine", "relative_error", "direction_cosine")
+_REPORT_COORDS = ("family", "rung", "block_size")
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _wrap(text: str, width_in: float, fontsize: float = 10.0) -> str:
+    """``text`` with each line wrapped to fit ``width_in`` inches at ``fontsize`` points (≈0.58 em a character)."""
+    chars = max(20, int(width_in * 72 / (0.58 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) if line else line for line in text.split("\n"))
+
+
+def check_report(ds: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``ds`` is a Dataset written by ``curvlab.compare.report``."""
+    import xarray as xr
+
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected an xarray.Dataset from curvlab.compare.report; got {type(ds).__name__}")
+    missing = ([f"dimension {d!r}" for d in _REPORT_DIMS if d not in ds.dims]
+               + [f"variable {v!r}" for v in _REPORT_VARS if v not in ds.data_vars]
+               + [f"coordinate {c!r}" for c in _REPORT_COORDS if c not in ds.coords])
+    if missing:
+        raise ValueError(f"not a curvlab compare report (it lacks {', '.join(missing[:3])}"
+                         f"{' …' if len(missing) > 3 else ''}); make one with `curvlab compare` or "
+                         "curvlab.compare.report")
 
 
 def _sns():
@@ -78,12 +120,14 @@ def _title(ds: xr.Dataset) -> str:
 
 def direction_cosines(ds: xr.Dataset, damping: float | None = None) -> Figure:
     """Heatmap of the pairwise cosines between the methods' update directions at one damping."""
+    check_report(ds)
     sns = _sns()
     lam = _pick_damping(ds, damping)
     C = ds["direction_cosine"].sel({"damping": lam})
     names = [str(m) for m in ds.method.values]
     n = len(names)
-    fig = Figure(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n), layout="constrained")
+    fig_w = max(5.5, 1.0 + 0.62 * n)
+    fig = _figure(fig_w, max(3.8, 1.2 + 0.55 * n))
     ax = fig.subplots()
     annot_size = 9 if n <= 10 else 7.5
     labels = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:.2f}".replace("-0.00", "0.00"))(C.values)
@@ -92,8 +136,8 @@ def direction_cosines(ds: xr.Dataset, damping: float | None = None) -> Figure:
                 linewidths=0.5, linecolor="white", cbar_kws={"label": "cosine", "shrink": 0.7})
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_yticklabels(names, rotation=0)
-    ax.set_title(f"Cosine between the methods' update directions at damping λ = {lam:g} "
-                 f"(damping rule: {ds.attrs.get('damping_rule', '?')})\n{_title(ds)}", fontsize=10)
+    ax.set_title(_wrap(f"Cosine between the methods' update directions at damping λ = {lam:g} "
+                       f"(damping rule: {ds.attrs.get('damping_rule', '?')})\n{_title(ds)}", fig_w - 0.6), fontsize=10)
     return fig
 
 
@@ -131,6 +175,7 @@ def spectra(ds: xr.Dataset, methods: list[str] | None = None) -> Figure:
     1e-9 of a matrix's largest are numerically zero (rank deficiency) and are not drawn; the legend
     gives the share of negative and of zero eigenvalues. Methods with identical spectra share a curve.
     """
+    check_report(ds)
     if "eigenvalues" not in ds:
         raise ValueError("the report has no full spectra (it was made with full_spectrum=False)")
     sns = _sns()
@@ -144,8 +189,9 @@ def spectra(ds: xr.Dataset, methods: list[str] | None = None) -> Figure:
     w_all = ds["eigenvalues"].sel({"method": methods}).values
     top = float(np.nanmax(w_all))
     floor = min(float(ds.damping.values.min()) / 100, top * 1e-7) if top > 0 else 1e-12
-    panels = [(exact, True, "exact curvature")] + ([(approx, False, "approximations")] if approx else [])
-    fig = Figure(figsize=(6.5 * len(panels), 5.5), layout="constrained")
+    panels = ([(exact, True, "exact curvature")] if exact else []) + \
+        ([(approx, False, "approximations")] if approx else [])
+    fig = _figure(6.5 * len(panels), 5.5)
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
     for ax, (ms, is_exact, name) in zip(axes, panels):
         groups = _distinct(ds, ms, "eigenvalues")
@@ -156,7 +202,8 @@ def spectra(ds: xr.Dataset, methods: list[str] | None = None) -> Figure:
         ax.set_title(name, fontsize=10)
     axes[0].set_ylim(floor, 2.0 * top if top > floor else 10 * floor)
     axes[0].set_ylabel("eigenvalue")
-    fig.suptitle(f"Spectra (eigenvalues > 0, descending; dotted: dampings)\n{_title(ds)}", fontsize=10)
+    fig.suptitle(_wrap(f"Spectra (eigenvalues > 0, descending; dotted: dampings)\n{_title(ds)}",
+                       6.5 * len(panels) - 0.5), fontsize=10)
     return fig
 
 
@@ -184,6 +231,7 @@ def ladder(ds: xr.Dataset, reference: str | None = None) -> Figure:
     Monte-Carlo labels, empirical labels). Two bars per rung: the error on the whole matrix, and the
     error within the diagonal blocks only (what the Kronecker, MC and empirical steps change).
     """
+    check_report(ds)
     sns = _sns()
     reference = _reference(ds, reference)
     rungs = _ladder_methods(ds)
@@ -193,7 +241,8 @@ def ladder(ds: xr.Dataset, reference: str | None = None) -> Figure:
              for _, m in rungs]
     within = [_within_blocks(ds, m, reference) for _, m in rungs]
     cos = [float(ds["cosine"].sel({"method": m, "reference": reference, "block": "all"})) for _, m in rungs]
-    fig = Figure(figsize=(2.0 + 1.7 * len(rungs), 5.0), layout="constrained")
+    fig_w = max(6.0, 2.0 + 1.7 * len(rungs))
+    fig = _figure(fig_w, 5.0)
     ax = fig.subplots()
     c_whole, c_within = sns.color_palette("crest", 2)
     x = np.arange(len(rungs))
@@ -214,8 +263,23 @@ def ladder(ds: xr.Dataset, reference: str | None = None) -> Figure:
     ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)
     ax.legend(fontsize=9, loc="upper left")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(f"Error ladder: each rung adds one approximation of {reference}\n{_title(ds)}", fontsize=10)
+    ax.set_title(_wrap(f"Error ladder: each rung adds one approximation of {reference}\n{_title(ds)}",
+                       fig_w - 0.6), fontsize=10)
     return fig
+
+
+def _layer_layout(ticks: list[str], legend: list[str], max_width: float = 16.0) -> tuple[float, float, bool]:
+    """(width, height, rotate) of the per-layer figure: each block as wide as its tick label at 10 pt
+    (≈0.09 in per character) or its bars (0.32 in each), plus the legend; rotated labels beyond ``max_width``."""
+    n_b, n_m = len(ticks), len(legend)
+    chars = max(len(line) for t in ticks for line in t.split("\n"))
+    legend_in = (0.7 + 0.075 * max(len(m) for m in legend)) * (1 if n_m <= 8 else 2)
+    bars = 0.32 * n_m
+    width = 1.3 + legend_in + n_b * max(bars, 0.09 * chars + 0.3)
+    if width <= max_width:
+        return max(7.0, width), 5.0, False
+    width = 1.3 + legend_in + n_b * max(bars, 0.5)  # rotated labels need about two lines of height each
+    return max(7.0, width), 5.0 + 0.06 * chars, True
 
 
 def layer_errors(ds: xr.Dataset, reference: str | None = None, methods: list[str] | None = None) -> Figure:
@@ -224,6 +288,7 @@ def layer_errors(ds: xr.Dataset, reference: str | None = None, methods: list[str
     The y axis is logarithmic; a method that is exact on a block (error < 1e-12) is drawn at the
     floor and marked "exact". Methods with identical errors (the same matrix) share a bar.
     """
+    check_report(ds)
     sns = _sns()
     reference = _reference(ds, reference)
     if methods is None:
@@ -233,13 +298,17 @@ def layer_errors(ds: xr.Dataset, reference: str | None = None, methods: list[str
     blocks = [str(b) for b in ds.block.values if str(b) != "all"]
     if not blocks:
         raise ValueError("the report has a single block; there is nothing to show per layer")
+    if not methods:
+        raise ValueError(f"the report has no matrix method besides the reference {reference!r} to show per layer")
     sizes = dict(zip([str(b) for b in ds.block.values], [int(s) for s in ds.block_size.values]))
     E = ds["relative_error"].sel({"reference": reference, "method": methods, "block": blocks}).values
     floor = 1e-12
     finite = E[np.isfinite(E) & (E > floor)]
     lo = 10 ** math.floor(math.log10(finite.min())) / 2 if finite.size else 1e-3
     n_m, n_b = len(methods), len(blocks)
-    fig = Figure(figsize=(max(7.0, 1.2 + 0.32 * n_m * n_b), 5.0), layout="constrained")
+    ticks = [f"{b}\n({sizes.get(b, '?')} params)" for b in blocks]
+    fig_w, fig_h, rotate = _layer_layout(ticks, labels)
+    fig = _figure(fig_w, fig_h)
     ax = fig.subplots()
     palette = sns.color_palette("tab10" if n_m <= 10 else "tab20", n_m)
     width = 0.8 / n_m
@@ -255,12 +324,15 @@ def layer_errors(ds: xr.Dataset, reference: str | None = None, methods: list[str
                             ha="center", va="bottom", fontsize=7, color="0.3")
     ax.set_yscale("log")
     ax.set_ylim(bottom=lo)
-    ax.set_xticks(x, [f"{b}\n({sizes.get(b, '?')} params)" for b in blocks])
+    if rotate:
+        ax.set_xticks(x, ticks, rotation=40, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(x, ticks)
     ax.set_xlabel("block of the parameter partition (layer)")
     ax.set_ylabel(f"relative error of the diagonal block vs {reference}")
     ax.grid(True, axis="y", which="major", alpha=0.3)
     ax.legend(fontsize=8, ncol=1 if n_m <= 8 else 2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Per-layer error ‖A_bb − B_bb‖_F / ‖B_bb‖_F\n{_title(ds)}", fontsize=10)
+    ax.set_title(_wrap(f"Per-layer error ‖A_bb − B_bb‖_F / ‖B_bb‖_F\n{_title(ds)}", fig_w - 2.5), fontsize=10)
     return fig
 
 
@@ -272,7 +344,13 @@ def save_figures(ds: xr.Dataset, stem: str | os.PathLike, dpi: int = 130) -> lis
     """Write every figure that applies to ``ds`` as ``{stem}-{name}.png``; return the paths written.
 
     A figure that does not apply (no full spectra, no ladder methods, a single block) is skipped.
+    Raises ``ValueError`` for a Dataset that is not a report or a ``dpi`` outside :data:`DPI_RANGE`,
+    ``OSError`` when the folder cannot be written (a failed write leaves no partial PNG).
     """
+    check_report(ds)
+    lo, hi = DPI_RANGE
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not lo <= dpi <= hi:
+        raise ValueError(f"dpi must be a number from {lo} to {hi}; got {dpi!r}")
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -283,7 +361,11 @@ def save_figures(ds: xr.Dataset, stem: str | os.PathLike, dpi: int = 130) -> lis
             continue
         path = stem.parent / f"{stem.name}-{name}.png"
         tmp = path.parent / f".{path.name}.tmp.png"
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=dpi)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         written.append(path)
     return written

@@ -16,9 +16,14 @@ function        block (per nn.Linear / nn.Conv2d)                      own dampi
 ``kfoc``        argmin ‖F − A ⊗ G‖_F                    (``Kron``)      π-damping
 ==============  =====================================================  ===========================
 
+Every function takes the same options, ``f(prob, fisher, mc_samples, seed, approx, unsupported)``:
 ``fisher`` ∈ {"type2", "mc", "empirical"} chooses the curvature being approximated (the GGN / true
-Fisher, its Monte-Carlo estimate, the empirical Fisher); ``approx`` ∈ {"expand", "reduce"} the
-treatment of weight sharing. ``C.direction(g, λ, mode)`` gives the update under any damping rule
+Fisher, its Monte-Carlo estimate with ``mc_samples`` labels per input drawn with ``seed``, the
+empirical Fisher; FOOF has no output factor and takes only ``None``); ``approx`` ∈ {"expand",
+"reduce"} the treatment of weight sharing (KFOC: only the split between its factors);
+``unsupported`` ∈ {"error", "exact"} what happens to parameters outside ``nn.Linear``/``nn.Conv2d``
+("exact": their blocks come from the oracle's exact block of the same Fisher; FOOF has no such
+counterpart and raises). ``C.direction(g, λ, mode)`` gives the update under any damping rule
 (``"exact"``, ``"factored"``, ``"pi"``, ``"trace"``, ``"own"``); ``C.solve(g, λ)`` is always the
 exact (C + λI)⁻¹g.
 

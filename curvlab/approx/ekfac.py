@@ -13,7 +13,7 @@ Tikhonov damping), and it keeps KFAC's factor eigenvalues so the factored modes 
 
 from __future__ import annotations
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import KronPiece, collect
 from curvlab.approx.kfac import _options, kron_block
 from curvlab.linalg.kron import EigenKron
@@ -52,4 +52,4 @@ def ekfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int =
         E, c = eigen_corrected(p, approx)
         return E, {"kfac_trace_ratio": 1.0 / c if c else float("inf")}
 
-    return assemble(col, build, "ekfac", "eigen_kron", "exact", _options(col, mc_samples, seed, unsupported))
+    return assemble(col, build, "ekfac", "eigen_kron", OWN_MODES["ekfac"], _options(col, mc_samples, seed, unsupported))

@@ -37,6 +37,7 @@ weight and bias sit in the same partition block).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Block, Partition, Problem
 
 __all__ = ["FISHER_TYPES", "APPROXIMATIONS", "UNSUPPORTED", "KronPiece", "BlockPlan", "Collection",
-           "collect"]
+           "collect", "check_options"]
 
 APPROXIMATIONS = ("expand", "reduce")
 UNSUPPORTED = ("error", "exact")
@@ -232,12 +233,28 @@ def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact
         return type(mods.get(n.rsplit(".", 1)[0] if "." in n else "", prob.model)).__name__
 
     listed = "; ".join(f"{n!r} ({owner(n)}) — {sv.reason(n)}" for n in names)
-    fix = ("Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
-           "instead, or freeze them" if offer_exact else "Freeze them")
+    instead = ("Pass unsupported='exact' to take the blocks that contain them from the oracle's exact block "
+               "instead, or freeze them (requires_grad=False)." if offer_exact else
+               "Freeze them (requires_grad=False), or use a method that takes the exact block of any module "
+               "(the KFAC family's exact fallback, the oracle's block structure).")
     return ValueError(
         f"{method} supports the parameters of nn.Linear and nn.Conv2d layers (groups=1, zero padding, "
         f"each reaching the loss only through one call of its module); these parameters are not: {listed}. "
-        f"{fix} (requires_grad=False).")
+        f"{instead}")
+
+
+def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
+    """The options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
+    if fisher is not None and fisher not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
+    if not isinstance(mc_samples, Integral) or isinstance(mc_samples, bool) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
+    if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"unknown approx {approx!r}: use one of {APPROXIMATIONS}")
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unknown unsupported={unsupported!r}: use one of {UNSUPPORTED}")
 
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
@@ -250,20 +267,18 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"unknown approx {approx!r}: use one of {APPROXIMATIONS}")
-    if unsupported not in UNSUPPORTED:
-        raise ValueError(f"unknown unsupported={unsupported!r}: use one of {UNSUPPORTED}")
+    check_options(fisher, mc_samples, seed, approx, unsupported)
+    mc_samples, seed = int(mc_samples), int(seed)
     if fisher is None:
         if unsupported == "exact":
-            raise ValueError(f"{method} has no exact counterpart for unsupported parameters (it uses no "
-                             "Fisher); use unsupported='error'")
+            raise ValueError(f"{method} has no exact counterpart for unsupported parameters: it uses no Fisher "
+                             "(no output factor, no backward pass), so no oracle block matches its scale; "
+                             "use unsupported='error' and freeze those parameters (requires_grad=False), or "
+                             "a method with an exact fallback such as kfac(prob, unsupported='exact')")
 
         def cot(f: Tensor) -> Tensor:
             return f.new_zeros((0, *f.shape))
     else:
-        if fisher == "mc" and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
-            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
         cot = output_cotangents(prob, fisher, mc_samples, seed)
 
     layers = supported_layers(prob)

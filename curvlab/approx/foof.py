@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import KronPiece, collect
 from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
@@ -25,18 +25,40 @@ from curvlab.problem import Problem
 __all__ = ["foof"]
 
 
-def foof(prob: Problem, approx: str = "expand") -> Approximation:
+def foof(prob: Problem, fisher: str | None = None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
+         unsupported: str = "error") -> Approximation:
     """FOOF: (A + λI) ⊗ I per layer, from one forward pass (no backward pass).
 
-    ``approx`` chooses A for weight-sharing layers as in :func:`curvlab.approx.kfac`. Parameters
-    outside ``nn.Linear``/``nn.Conv2d`` raise (FOOF has no Fisher to take an exact block from).
+    Takes the options of every approximator (:func:`curvlab.approx.kfac`), with these meanings:
+
+    fisher:
+        must be ``None``: FOOF has no output factor, so no Fisher type applies (any other value
+        raises ``ValueError``). ``mc_samples`` and ``seed`` are checked but, as for KFAC with a
+        non-Monte-Carlo Fisher, unused.
+    approx:
+        A for weight-sharing layers, as in :func:`curvlab.approx.kfac`.
+    unsupported:
+        ``"error"`` (default) raises, naming parameters outside ``nn.Linear``/``nn.Conv2d``.
+        ``"exact"`` raises ``ValueError`` too: FOOF has no exact counterpart for such blocks. Its
+        block of a layer z = W a is the Gauss-Newton matrix of the layer's own outputs with an
+        identity output curvature, 1/N Σ_n J_nᵀJ_n = A ⊗ I (Benzing 2022: least-squares fit of
+        the pre-activation changes), which the oracle does not provide for other modules; and the
+        oracle's blocks (Hessian, GGN, Fisher) have the loss's scale, not FOOF's, so mixing them
+        would make the relative step sizes of the blocks meaningless. Freeze such parameters
+        (``requires_grad=False``) or use a method with an exact fallback (``kfac(prob,
+        unsupported="exact")``).
+
     ``direction(g, λ)`` is −∇W (A + λI)⁻¹ for every layer.
     """
-    col = collect(prob, None, approx=approx, unsupported="error", method="foof")
+    if fisher is not None:
+        raise ValueError(f"foof uses no Fisher (no output factor: its matrix is A ⊗ I); got fisher={fisher!r}, "
+                         "leave it None")
+    col = collect(prob, None, mc_samples, seed, approx=approx, unsupported=unsupported, method="foof")
 
     def build(p: KronPiece) -> tuple[Kron, dict]:
         A = p.input_factor(approx)
         eye = torch.eye(p.d_out, dtype=A.dtype, device=A.device)
         return Kron(A, eye, bias=p.folded), {}
 
-    return assemble(col, build, "foof", "forward_only", "exact", {"approx": approx})
+    return assemble(col, build, "foof", "forward_only", OWN_MODES["foof"],
+                    {"approx": approx, "unsupported": unsupported})

@@ -67,7 +67,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -567,7 +566,9 @@ def _r0_numerical(H: np.ndarray, d: np.ndarray, lam: float, max_expansions: int)
         last = cur
     if last <= 0:
         return None
-    sol = scipy.optimize.root_scalar(low, bracket=[0.0, hi], method="brentq", maxiter=200)
+    from scipy.optimize import root_scalar
+
+    sol = root_scalar(low, bracket=[0.0, hi], method="brentq", maxiter=200)
     return float(sol.root) if sol.converged else None
 
 
@@ -624,7 +625,9 @@ def _nesterov(H: np.ndarray, g: np.ndarray, d: np.ndarray, lam: float, pd: bool,
         return dict(eta_active=zero, status="no_bracket", **report,
                     message=f"f(r₁) ≥ 0 for r₁ up to {r1:.3g} after {max_expansions} triplings: η = 0")
     try:
-        sol = scipy.optimize.root_scalar(f, bracket=[r0, r1], method="brentq", maxiter=maxiter, xtol=xtol)
+        from scipy.optimize import root_scalar
+
+        sol = root_scalar(f, bracket=[r0, r1], method="brentq", maxiter=maxiter, xtol=xtol)
     except (np.linalg.LinAlgError, ValueError) as exc:
         return dict(eta_active=zero, status="no_root", **report, message=f"Brent's method failed ({exc}): η = 0")
     if not sol.converged:

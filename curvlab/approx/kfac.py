@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
 from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
@@ -62,5 +62,5 @@ def kfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
     (C + λI)⁻¹ is ``mode="exact"``, factored damping ``mode="factored"``.
     """
     col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="kfac")
-    return assemble(col, lambda p: (kron_block(p, approx), {}), "kfac", "kron", "pi",
+    return assemble(col, lambda p: (kron_block(p, approx), {}), "kfac", "kron", OWN_MODES["kfac"],
                     _options(col, mc_samples, seed, unsupported))

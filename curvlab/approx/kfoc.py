@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import KronPiece, _chunks, collect
 from curvlab.approx.kfac import _options
 from curvlab.linalg.kron import Kron
@@ -146,22 +146,29 @@ def _top_pair(piece: KronPiece, A0: Tensor, tol: float, max_iter: int, seed: int
     return _finish(v, R(v[None])[0], info)  # R v = σ mat(u₁), ‖R v‖_F = σ
 
 
-def kfoc(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 0, unsupported: str = "error",
-         tol: float | None = None, max_iter: int = 500) -> Approximation:
+def kfoc(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 0, approx: str = "expand",
+         unsupported: str = "error", tol: float | None = None, max_iter: int = 500) -> Approximation:
     """KFOC: per layer, the Kronecker product A ⊗ G closest to the exact block in Frobenius norm.
 
     ``fisher``, ``mc_samples``, ``seed`` and ``unsupported`` as in :func:`curvlab.approx.kfac`
-    (the exact block is that of the same Fisher type; weight sharing needs no expand/reduce
-    choice: the exact block is used). ``tol`` bounds the relative residual ‖RᵀRv − σ²v‖/σ² of the top
-    singular vector (default 1e-10 in float64, 1e-4 in float32); a warning is issued when
-    ``max_iter`` iterations do not reach it. ``info[block]`` holds σ, iterations and the residual.
+    (the exact block is that of the same Fisher type). Weight sharing needs no expand/reduce
+    approximation, since the exact block is used: ``approx`` only chooses which KFAC input factor
+    starts the iteration and fixes the split of σ between the factors (tr A = tr A of KFAC with
+    that ``approx``), which leaves A ⊗ G unchanged and matters only for the factored and π
+    damping modes. ``tol`` bounds the relative residual ‖RᵀRv − σ²v‖/σ² of the top singular
+    vector (default 1e-10 in float64, 1e-4 in float32); a warning is issued when ``max_iter``
+    iterations do not reach it. ``info[block]`` holds σ, iterations and the residual.
     """
-    col = collect(prob, fisher, mc_samples, seed, "expand", unsupported, method="kfoc")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise ValueError(f"tol must be a number in (0, 1) or None; got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}")
+    col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="kfoc")
     if tol is None:
         tol = 1e-10 if prob.dtype == torch.float64 else 1e-4
 
     def build(p: KronPiece) -> tuple[Kron, dict]:
-        A0 = p.input_factor("expand")
+        A0 = p.input_factor(approx)
         v, u, info = _top_pair(p, A0, tol, max_iter)
         tr_v, tr_A0 = float(v.diagonal().sum()), float(A0.diagonal().sum())
         s = tr_A0 / tr_v if tr_v > 0 and tr_A0 > 0 else 1.0
@@ -171,6 +178,4 @@ def kfoc(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
                           RuntimeWarning, stacklevel=3)
         return Kron(s * v, u / s, bias=p.folded), info
 
-    opts = _options(col, mc_samples, seed, unsupported)
-    opts.pop("approx")
-    return assemble(col, build, "kfoc", "kron", "pi", opts)
+    return assemble(col, build, "kfoc", "kron", OWN_MODES["kfoc"], _options(col, mc_samples, seed, unsupported))

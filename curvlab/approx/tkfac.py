@@ -25,7 +25,7 @@ when the paper's rule is known.
 
 from __future__ import annotations
 
-from curvlab.approx.base import Approximation, assemble
+from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.ekfac import eigen_corrected
 from curvlab.approx.factors import KronPiece, collect
 from curvlab.approx.kfac import _options
@@ -51,7 +51,7 @@ def tkfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int =
     Own damping: ``mode="trace"`` (see the module docstring); all Kron modes are available.
     """
     col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="tkfac")
-    return assemble(col, lambda p: _trace_restricted(p, approx), "tkfac", "trace_kron", "trace",
+    return assemble(col, lambda p: _trace_restricted(p, approx), "tkfac", "trace_kron", OWN_MODES["tkfac"],
                     _options(col, mc_samples, seed, unsupported))
 
 
@@ -71,4 +71,4 @@ def tekfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int 
 
     opts = _options(col, mc_samples, seed, unsupported)
     opts["provisional"] = True
-    return assemble(col, build, "tekfac", "eigen_kron", "trace", opts)
+    return assemble(col, build, "tekfac", "eigen_kron", OWN_MODES["tekfac"], opts)

@@ -7,8 +7,14 @@
     ds = cl.compare.report(prob, methods=["ggn-block", "kfac"], damping=[1e-3])  # xarray.Dataset (report.py)
 
 Everything here sees only CurvatureMatrix objects and tensors, except ``report`` and the method
-registry (``methods.py``), which take a Problem.
+registry (``methods.py``), which take a Problem. The report (and with it xarray) is imported on
+first use of one of its names, so that ``curvlab.compare.methods`` stays light.
 """
+
+import importlib
+import sys
+import types
+from typing import Any
 
 from curvlab.compare import methods
 from curvlab.compare.directions import DirectionComparison, direction_of, directions, energy_norm, step_size
@@ -23,7 +29,6 @@ from curvlab.compare.matrices import (
     restrict,
     trace_ratio,
 )
-from curvlab.compare.report import DEFAULT_DAMPING, VARIABLES, format_report, load, report, save
 from curvlab.compare.spectra import (
     SpectralComparison,
     eigenvalues,
@@ -39,4 +44,36 @@ __all__ = ["cosine", "relative_error", "inner", "difference_norm", "trace_ratio"
            "Blockwise", "spectra", "SpectralComparison", "eigenvalues", "top_eigen", "subspace_overlap",
            "wasserstein", "fraction_below", "negative_mass", "factor_fraction_below", "directions",
            "DirectionComparison", "direction_of", "energy_norm", "step_size", "report", "save", "load",
-           "format_report", "VARIABLES", "DEFAULT_DAMPING", "methods"]
+           "format_report", "check_arguments", "VARIABLES", "DEFAULT_DAMPING", "methods"]
+
+#: names of ``curvlab.compare.report`` (xarray), imported when first asked for
+_REPORT = ("report", "check_arguments", "save", "load", "format_report", "VARIABLES", "DEFAULT_DAMPING")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPORT:
+        importlib.import_module("curvlab.compare.report")  # binds the names (see _Package)
+        return globals()[name]
+    raise AttributeError(f"module 'curvlab.compare' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_REPORT})
+
+
+class _Package(types.ModuleType):
+    """``curvlab.compare`` itself: importing the submodule ``report`` binds its names, not the module.
+
+    Python sets the attribute ``report`` of a package to its submodule once that is imported; here
+    the function of the same name must win (``cl.compare.report(prob)``), whoever imports first.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "report" and isinstance(value, types.ModuleType):
+            for n in _REPORT:
+                super().__setattr__(n, getattr(value, n))
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -44,7 +44,7 @@ from curvlab.compare.spectra import eigenvalues, fraction_below, negative_mass, 
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
-__all__ = ["report", "save", "load", "format_report", "VARIABLES", "DEFAULT_DAMPING"]
+__all__ = ["report", "check_arguments", "save", "load", "format_report", "VARIABLES", "DEFAULT_DAMPING"]
 
 DEFAULT_DAMPING: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 
@@ -151,6 +151,57 @@ def _resolve_methods(methods: Sequence[str] | Mapping[str, Any], references: Seq
     return order, refs, custom
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_arguments(methods: Sequence[str] | Mapping[str, Any] = _methods.DEFAULT_METHODS,
+                    damping: Sequence[float] | float = DEFAULT_DAMPING,
+                    references: Sequence[str] | str = ("ggn",), *, k: int = 20, damping_rule: str = "own",
+                    step: float | str = "armijo", mc_samples: int = 1,
+                    seed: int | None = None) -> tuple[list[str], list[str], dict[str, Any], list[float]]:
+    """Check :func:`report`'s arguments without building anything; raise ``ValueError``/``TypeError`` naming
+    the offending value.
+
+    Returns (method names in order, reference names, custom objects by name, dampings as floats).
+    The command line calls it before loading the problem, so that a typo costs no computation.
+    """
+    if damping_rule not in ("own", "exact"):
+        raise ValueError(f"damping_rule must be 'own' or 'exact'; got {damping_rule!r}")
+    if isinstance(step, bool) or not (step in ("armijo", "model") or
+                                      (isinstance(step, (int, float)) and math.isfinite(step) and step > 0)):
+        raise ValueError(f'step must be "armijo", "model" or a finite positive learning rate; got {step!r}')
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k (the number of top eigenpairs) must be a positive integer; got {k!r}")
+    if not _is_int(mc_samples) or mc_samples < 1:
+        raise ValueError(f"mc_samples (labels drawn per input) must be a positive integer; got {mc_samples!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None; got {seed!r}")
+    try:
+        dampings = [float(d) for d in np.atleast_1d(np.asarray(damping, dtype=float)).ravel()]
+    except (TypeError, ValueError):
+        raise ValueError(f"damping must be a number or a list of numbers; got {damping!r}") from None
+    if not dampings or any(not math.isfinite(d) or d < 0 for d in dampings):
+        raise ValueError(f"damping must be a list of finite non-negative numbers; got {damping}")
+    if len(set(dampings)) != len(dampings):
+        raise ValueError(f"a damping is listed twice: {dampings}")
+    if isinstance(references, str):
+        references = [references]
+    if not references:
+        raise ValueError("report needs at least one reference (e.g. 'ggn')")
+    order, refs, custom = _resolve_methods(methods, references)
+    for name, obj in custom.items():
+        if not (isinstance(obj, CurvatureMatrix) or callable(obj)):
+            raise TypeError(f"method {name!r} must be a registered name, a CurvatureMatrix or a callable "
+                            f"(g, damping) -> direction; got {type(obj).__name__}")
+    for given, r in zip(references, refs):
+        if (r in custom and not isinstance(custom[r], CurvatureMatrix)) or \
+                (r not in custom and _methods.spec(r).family == "first-order"):
+            matrices = [n for n, s in _methods.REGISTRY.items() if s.family != "first-order"]
+            raise ValueError(f"reference {given!r} is not a matrix method; use one of {', '.join(matrices)}")
+    return order, refs, custom, dampings
+
+
 def report(prob: Problem,
            methods: Sequence[str] | Mapping[str, Any] = _methods.DEFAULT_METHODS,
            damping: Sequence[float] | float = DEFAULT_DAMPING,
@@ -196,31 +247,14 @@ def report(prob: Problem,
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
-    if damping_rule not in ("own", "exact"):
-        raise ValueError(f"damping_rule must be 'own' or 'exact'; got {damping_rule!r}")
-    if isinstance(step, bool) or not (step in ("armijo", "model") or
-                                      (isinstance(step, (int, float)) and math.isfinite(step))):
-        raise ValueError(f'step must be "armijo", "model" or a finite learning rate; got {step!r}')
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k (the number of top eigenpairs) must be a positive integer; got {k!r}")
-    dampings = [float(d) for d in (np.atleast_1d(np.asarray(damping, dtype=float)))]
-    if not dampings or any(not math.isfinite(d) or d < 0 for d in dampings):
-        raise ValueError(f"damping must be a list of finite non-negative numbers; got {damping}")
-    if isinstance(references, str):
-        references = [references]
-    if not references:
-        raise ValueError("report needs at least one reference (e.g. 'ggn')")
+    order, refs, custom, dampings = check_arguments(methods, damping, references, k=k, damping_rule=damping_rule,
+                                                    step=step, mc_samples=mc_samples, seed=seed)
     say = progress or (lambda msg: None)
     seed = int(prob.meta.get("seed", 0)) if seed is None else int(seed)
-    order, refs, custom = _resolve_methods(methods, references)
     for name, obj in custom.items():
-        if isinstance(obj, CurvatureMatrix):
-            if obj.size != prob.num_params:
-                raise ValueError(f"method {name!r} is a {obj.size}×{obj.size} matrix; the problem has "
-                                 f"{prob.num_params} parameters")
-        elif not callable(obj):
-            raise TypeError(f"method {name!r} must be a registered name, a CurvatureMatrix or a callable "
-                            f"(g, damping) -> direction; got {type(obj).__name__}")
+        if isinstance(obj, CurvatureMatrix) and obj.size != prob.num_params:
+            raise ValueError(f"method {name!r} is a {obj.size}×{obj.size} matrix; the problem has "
+                             f"{prob.num_params} parameters")
 
     # ---------------------------------------------------------------- build
     cache: dict[str, Any] = {}
@@ -513,59 +547,100 @@ def _cell(v: float, fmt: str) -> str:
 
 def _fmt_table(row_names: Sequence[str], col_names: Sequence[str], values: np.ndarray, fmt: str,
                corner: str = "", width: int = 9) -> str:
-    w0 = max(len(corner), *(len(r) for r in row_names)) + 2
-    w = max(width, *(len(c) + 2 for c in col_names))
+    w0 = max([len(corner), *(len(r) for r in row_names)]) + 2
+    w = max([width, *(len(c) + 2 for c in col_names)])
     lines = [corner.ljust(w0) + "".join(c.rjust(w) for c in col_names)]
     for r, row in zip(row_names, values):
         lines.append(r.ljust(w0) + "".join(_cell(v, fmt).rjust(w) for v in row))
     return "\n".join(lines)
 
 
-def format_report(ds: xr.Dataset, reference: str | None = None, damping: float | None = None) -> str:
-    """The report as text: matrix agreement per block, and direction agreement at one damping."""
-    reference = str(ds.reference.values[0]) if reference is None else reference
-    if damping is None:
-        damping = float(ds.damping.values[len(ds.damping) // 2])
-    dsel = ds.sel({"damping": damping})
+def _matrix_table(ds: xr.Dataset, reference: str, damping: float) -> str:
+    """Frobenius cosine (relative error) per block, top-k overlap and W1(log) of every matrix method."""
     methods = [str(m) for m in ds.method.values]
     blocks = [str(b) for b in ds.block.values]
-    out = [f"{ds.attrs.get('title', 'curvlab report')}  (N={ds.attrs.get('num_samples')}, "
-           f"P={ds.attrs.get('num_params')}, loss={float(ds['loss']):.4f}, |g|={float(ds['gradient_norm']):.3e})"]
-    mat = [m for m in methods if not np.isnan(ds["cosine"].sel({"method": m, "reference": reference, "block": "all"}))]
-    out.append(f"\nMatrix agreement with {reference}: Frobenius cosine (relative Frobenius error), whole matrix "
-               f"('all') and per block;\noverlap = mean squared cosine of the top-{ds.sizes['top']} eigenspaces"
-               + ("; W1(log) = Wasserstein-1 of log10 eigenvalues at λ" if "eigenvalues" in ds else ""))
+    cos_all = ds["cosine"].sel({"reference": reference, "block": "all"}).values
+    mat = [m for m, c in zip(methods, cos_all) if not np.isnan(c)]
+    spectra = "eigenvalues" in ds
+    head = (f"\nMatrix agreement with {reference}: Frobenius cosine (relative Frobenius error), whole matrix "
+            f"('all') and per block;\noverlap = mean squared cosine of the top-{ds.sizes['top']} eigenspaces"
+            + ("; W1(log) = Wasserstein-1 of log10 eigenvalues at λ" if spectra else ""))
+    if not mat:
+        return head + "\n(no matrix methods in this report: only directions, e.g. sgd)"
     cos = ds["cosine"].sel({"reference": reference, "method": mat}).values
     rel = ds["relative_error"].sel({"reference": reference, "method": mat}).values
-    w0 = max(8, *(len(m) for m in mat)) + 2
-    w = max(16, *(len(b) + 2 for b in blocks))
-    out.append("method".ljust(w0) + "".join(b.rjust(w) for b in blocks)
-               + "overlap".rjust(10) + (" W1(log)".rjust(10) if "eigenvalues" in ds else ""))
+    w0 = max([8, *(len(m) for m in mat)]) + 2
+    w = max([16, *(len(b) + 2 for b in blocks)])
+    lines = [head, "method".ljust(w0) + "".join(b.rjust(w) for b in blocks)
+             + "overlap".rjust(10) + (" W1(log)".rjust(10) if spectra else "")]
     for i, m in enumerate(mat):
         cells = "".join(f"{cos[i, b]:.3f} ({rel[i, b]:.2g})".rjust(w) for b in range(len(blocks)))
-        ov = float(ds["subspace_overlap"].sel({"method": m, "reference": reference}))
-        extra = f"{ov:.3f}".rjust(10)
-        if "eigenvalues" in ds:
+        extra = f"{float(ds['subspace_overlap'].sel({'method': m, 'reference': reference})):.3f}".rjust(10)
+        if spectra:
             wl = float(ds["wasserstein_log"].sel({"method": m, "reference": reference, "damping": damping}))
             extra += f"{wl:.3f}".rjust(10)
-        out.append(m.ljust(w0) + cells + extra)
-    rule = ds.attrs.get("damping_rule")
-    out.append(f"\nUpdate directions at damping {damping:g} (damping rule: {rule}): pairwise cosine")
-    dc = dsel["direction_cosine"].values
+        lines.append(m.ljust(w0) + cells + extra)
+    return "\n".join(lines)
+
+
+def _step_table(ds: xr.Dataset, reference: str, damping: float) -> str:
+    """Step norm, energy error, step size, predicted and actual loss change of every method."""
+    dsel = ds.sel({"damping": damping})
+    methods = [str(m) for m in ds.method.values]
+    head = (f"\nStep quality against {reference}: |x| step norm; energy err = |x - x*|_(B+λI) / |x*|_(B+λI), "
+            f"x* = -(B+λI)^-1 g;\nalpha = step size ({ds.attrs.get('step_rule')}); predicted = change of the "
+            f"quadratic model of {reference}; actual = L(θ + alpha x) - L(θ)")
+    cols = ["|x|", "energy err", "alpha", "predicted", "actual"]
+    vals = np.stack([dsel["step_norm"].values, dsel["energy_error"].sel({"reference": reference}).values,
+                     dsel["alpha"].values, dsel["predicted_change"].sel({"reference": reference}).values,
+                     dsel["actual_change"].values], axis=1)
+    return head + "\n" + _fmt_table(methods, cols, vals, ".3g", "method")
+
+
+def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
+                   damping: float | None) -> tuple[list[str], float]:
+    """The references (default: all of them) and the damping (default: the middle one) to format."""
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"expected the xarray.Dataset of curvlab.compare.report; got {type(ds).__name__}")
+    missing = [v for v in ("cosine", "relative_error", "direction_cosine", "step_norm", "loss") if v not in ds]
+    if missing:
+        raise ValueError(f"not a curvlab compare report: it lacks the variables {', '.join(missing)}")
+    have = [str(r) for r in ds.reference.values]
+    refs = have if reference is None else [reference] if isinstance(reference, str) else list(reference)
+    unknown = [r for r in refs if r not in have]
+    if unknown or not refs:
+        given = ", ".join(map(repr, unknown)) if unknown else repr(reference)
+        raise ValueError(f"reference {given} is not in the report; it has {', '.join(have)}")
+    values = [float(d) for d in ds.damping.values]
+    if damping is None:
+        return refs, values[len(values) // 2]
+    match = [d for d in values if math.isclose(d, float(damping), rel_tol=1e-9, abs_tol=0.0)]
+    if not match:
+        raise ValueError(f"damping {damping!r} is not in the report; it has {', '.join(f'{d:g}' for d in values)}")
+    return refs, match[0]
+
+
+def format_report(ds: xr.Dataset, reference: str | Sequence[str] | None = None, damping: float | None = None) -> str:
+    """The report as text: matrix agreement per block, direction agreement and step quality at one damping.
+
+    ``reference``: one reference or several (default: every reference of the report, a matrix
+    table and a step-quality table for each); ``damping``: one of the report's dampings (default:
+    the middle one). A report of direction methods only (e.g. ``sgd``) has no matrix table.
+    """
+    refs, damping = _report_choice(ds, reference, damping)
+    methods = [str(m) for m in ds.method.values]
+    out = [f"{ds.attrs.get('title', 'curvlab report')}  (N={ds.attrs.get('num_samples')}, "
+           f"P={ds.attrs.get('num_params')}, loss={float(ds['loss']):.4f}, |g|={float(ds['gradient_norm']):.3e})"]
+    out += [_matrix_table(ds, r, damping) for r in refs]
+    out.append(f"\nUpdate directions at damping {damping:g} (damping rule: {ds.attrs.get('damping_rule')}): "
+               "pairwise cosine")
+    dc = ds["direction_cosine"].sel({"damping": damping}).values
     if len(methods) <= 8:
         out.append(_fmt_table(methods, methods, dc, ".2f", "method"))
     else:  # numbered columns keep the table narrow
         rows = [f"{i + 1:>2} {m}" for i, m in enumerate(methods)]
         out.append(_fmt_table(rows, [str(i + 1) for i in range(len(methods))], dc, ".2f", "", width=6))
-    step = ds.attrs.get("step_rule")
-    out.append(f"\nStep quality against {reference}: |x| step norm; energy err = |x - x*|_(B+λI) / |x*|_(B+λI), "
-               f"x* = -(B+λI)^-1 g;\nalpha = step size ({step}); predicted = change of the quadratic model of "
-               f"{reference}; actual = L(θ + alpha x) - L(θ)")
-    cols = ["|x|", "energy err", "alpha", "predicted", "actual"]
-    vals = np.stack([dsel["step_norm"].values, dsel["energy_error"].sel({"reference": reference}).values,
-                     dsel["alpha"].values, dsel["predicted_change"].sel({"reference": reference}).values,
-                     dsel["actual_change"].values], axis=1)
-    out.append(_fmt_table(methods, cols, vals, ".3g", "method"))
+    out += [_step_table(ds, r, damping) for r in refs]
     if ds.attrs.get("skipped_methods"):
         out.append(f"\nskipped (not available): {ds.attrs['skipped_methods']}")
     return "\n".join(out)

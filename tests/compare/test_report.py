@@ -156,3 +156,58 @@ def test_every_registered_method_builds(prob):
     torch.testing.assert_close(cache["ggn-block"].to_dense(), cl.exact.ggn(prob, structure="block").to_dense())
     assert reg.canonical("Newton") == "hessian" and reg.canonical("empirical_fisher") == "ef"
     assert cache["kfac-pi"] is cache["kfac"]
+
+
+def test_format_report_of_directions_only(prob):
+    """A report without matrix methods (only sgd, or only callables) formats: no matrix table, no crash."""
+    for methods in (["sgd"], {"gd": lambda g, lam: -g, "half": lambda g, lam: -0.5 * g}):
+        out = cc.report(prob, methods=methods, damping=[0.1], k=2)
+        text = cc.format_report(out)
+        assert "no matrix methods in this report" in text
+        assert "pairwise cosine" in text and "Step quality against ggn" in text
+        for name in methods:
+            assert name in text
+
+
+def test_format_report_shows_every_reference(ds):
+    text = cc.format_report(ds)
+    for ref in ("ggn", "hessian"):
+        assert text.count(f"Matrix agreement with {ref}:") == 1
+        assert text.count(f"Step quality against {ref}:") == 1
+    assert text.count("pairwise cosine") == 1
+    only = cc.format_report(ds, reference="hessian")
+    assert "Matrix agreement with hessian" in only and "Matrix agreement with ggn" not in only
+    with pytest.raises(ValueError, match="reference 'ef' is not in the report; it has ggn, hessian"):
+        cc.format_report(ds, reference="ef")
+    with pytest.raises(ValueError, match="damping 0.5 is not in the report; it has 0.01, 0.1"):
+        cc.format_report(ds, damping=0.5)
+    with pytest.raises(ValueError, match="not a curvlab compare report"):
+        cc.format_report(xr.Dataset({"temperature": ("time", [1.0, 2.0])}))
+    with pytest.raises(TypeError, match="xarray.Dataset"):
+        cc.format_report({"cosine": 1.0})
+
+
+def test_arguments_are_checked_before_anything_is_built(prob, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("built something before checking the arguments")
+
+    monkeypatch.setattr(reg, "build", boom)
+    for kwargs, message in [
+        ({"references": ["sgd"]}, "reference 'sgd' is not a matrix method; use one of hessian"),
+        ({"references": ["ggn", "gd"]}, "reference 'gd' is not a matrix method"),
+        ({"mc_samples": 0}, r"mc_samples .* positive integer; got 0"),
+        ({"mc_samples": -2}, r"mc_samples .* positive integer; got -2"),
+        ({"mc_samples": 1.5}, r"mc_samples .* positive integer; got 1.5"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"damping": [0.1, 0.1]}, "a damping is listed twice"),
+        ({"damping": "abc"}, "damping must be a number or a list of numbers"),
+        ({"methods": ["kfac", "kfac"]}, "listed twice"),
+        ({"step": -0.1}, "finite positive learning rate; got -0.1"),
+        ({"step": 0}, "finite positive learning rate; got 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cc.report(prob, **{"methods": ["ggn", "kfac-mc"], **kwargs})
+    with pytest.raises(ValueError, match="not a matrix method"):
+        cc.check_arguments({"gd": lambda g, lam: -g}, references=["gd"])
+    order, refs, custom, dampings = cc.check_arguments(["Newton", "kfac"], 0.1, "gn")
+    assert (order, refs, custom, dampings) == (["hessian", "kfac"], ["ggn"], {}, [0.1])
