@@ -51,8 +51,10 @@ from curvlab.approx.kbfgs import (
 from curvlab.approx.kfac import kfac
 from curvlab.approx.kfoc import kfoc
 from curvlab.approx.tkfac import tekfac, tkfac
+from curvlab.approx.two_level import COARSE_SPACES, TwoLevel, two_level_kfac
 
 __all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
            "APPROXIMATIONS", "grouped_newton", "GroupedSummary", "LearningRates", "cubic_learning_rates",
+           "two_level_kfac", "TwoLevel", "COARSE_SPACES",
            "KBFGS", "KBFGSLayerState", "KBFGSStatistics", "LBFGSMemory", "kbfgs_statistics",
            "bfgs_inverse_update", "powell_damping", "lm_damping", "double_damping", "bfgs_skip_reason"]
