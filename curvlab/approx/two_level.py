@@ -174,7 +174,8 @@ def _fisher(prob: Problem, fisher: str, mc_samples: int, seed: int) -> LowRank:
 
 def two_level_kfac(prob: Problem, coarse: str | Tensor = "nicolaides", fisher: str = "type2", mc_samples: int = 1,
                    seed: int = 0, approx: str = "expand", unsupported: str = "error", damping: float = 1e-3,
-                   fine_rule: str = "koroko", gradient: Tensor | None = None) -> TwoLevel:
+                   fine_rule: str = "koroko", gradient: Tensor | None = None,
+                   fine: Approximation | None = None) -> TwoLevel:
     """Two-level KFAC on ``prob``'s data (the curvature batch); see the module docstring.
 
     Parameters
@@ -187,6 +188,9 @@ def two_level_kfac(prob: Problem, coarse: str | Tensor = "nicolaides", fisher: s
     damping, fine_rule, gradient:
         the λ and fine rule with which the residual-based spaces are built (``gradient``: the g of
         their residual, default the problem's gradient); ``direction(g, λ)`` may use any λ.
+    fine:
+        a KFAC approximation to use as the fine level instead of ``kfac(prob)`` on these data (e.g.
+        running averages along a trajectory, as ``curvlab.optim``'s ``kfac-2l-*`` methods do).
     """
     check_options(fisher, mc_samples, seed, approx, unsupported)
     lam = check_damping(damping)
@@ -194,7 +198,12 @@ def two_level_kfac(prob: Problem, coarse: str | Tensor = "nicolaides", fisher: s
         raise ValueError(f"unknown fine_rule {fine_rule!r}: use one of {FINE_RULES}")
     if isinstance(coarse, str) and coarse not in COARSE_SPACES:
         raise ValueError(f"unknown coarse space {coarse!r}: use one of {COARSE_SPACES} or a basis tensor (P, k)")
-    K = kfac(prob, fisher, mc_samples, seed, approx, unsupported)
+    if fine is None:
+        K = kfac(prob, fisher, mc_samples, seed, approx, unsupported)
+    elif not isinstance(fine, Approximation) or fine.block_slices != tuple(prob.partition.slices):
+        raise ValueError("fine must be a KFAC Approximation aligned with the problem's partition")
+    else:
+        K = fine
     F = _fisher(prob, fisher, mc_samples, seed)
     basis = _Basis(K, lam, fine_rule)
     if isinstance(coarse, Tensor):
