@@ -26,7 +26,7 @@ from curvlab.approx.factors import KronPiece
 from curvlab.linalg import CurvatureMatrix, Eigh
 from curvlab.linalg.kron import EigenKron, Kron
 
-__all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average"]
+__all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average", "one_batch"]
 
 Stats = dict[str, Tensor]
 #: the Kronecker eigenbasis of a piece: the eigendecompositions of its factors A and G
@@ -123,3 +123,13 @@ def average(old: Stats | None, new: Stats, decay: float) -> Stats:
     if old is None:
         return dict(new)
     return {k: decay * old[k] + (1.0 - decay) * v for k, v in new.items()}
+
+
+def one_batch(name: str, approx: str) -> Callable[[KronPiece], tuple[CurvatureMatrix, dict]]:
+    """The block builder of method ``name`` on one batch: its statistics of the piece, then its block."""
+    family = FAMILIES[name]
+
+    def build(p: KronPiece) -> tuple[CurvatureMatrix, dict]:
+        return family.block(family.statistics(p, approx, None), p, None)
+
+    return build
