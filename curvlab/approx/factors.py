@@ -20,7 +20,7 @@ the same samples and seed, ``empirical_fisher``) is
     F = Σ_n Σ_k vec(V_nk) vec(V_nk)ᵀ,   V_nk = Σ_t g_nkt a_ntᵀ  (the per-sample weight gradient).
 
 KFAC's factors (Martens & Grosse 2015; weight sharing: Eschenhagen et al. 2023) in curvlab's scale,
-which is curvlinops' (``shared/reference/peer-benchmarks.md``, "Scale conventions"):
+which is curvlinops' (Dangel et al.; checked entry by entry in tests/approx/test_curvlinops.py):
 
 * ``approx="expand"`` (positions are extra samples):
   A = 1/(N·T) Σ_{n,t} a_nt a_ntᵀ,   G = Σ_{n,k,t} g_nkt g_nktᵀ;

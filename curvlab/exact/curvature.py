@@ -1,6 +1,6 @@
 """The oracle's public functions: exact Hessian, GGN, Monte-Carlo Fisher and empirical Fisher.
 
-Scale (``shared/design.md``): with L(θ) = R Σ_n ℓ_n,
+Scale (``docs/conventions.md``): with L(θ) = R Σ_n ℓ_n,
 
     hessian           = ∇²L
     ggn               = R Σ_n J_nᵀ ∇²_f ℓ_n J_n            (= the exact Fisher for CE, MSE, BCE)

@@ -2,7 +2,7 @@
 
 One layer z = W a (+ b), W ∈ R^{p×q}. Its curvature block is approximated by a Kronecker product
 of an *input* factor A (q×q, acting on the columns of W) and an *output* factor G (p×p, acting on
-its rows). In the column-major notation of the papers (``shared/reference/papers.md`` §0) this is
+its rows). In the column-major notation of the papers (Martens & Grosse 2015; ``docs/layout.md``) this is
 F ≈ A ⊗ G; curvlab's parameter order is row-major (``W.flatten()``), where the same matrix acts as
 
     K vec_r(X) = vec_r(G X A),      i.e. K = G ⊗ A in row-major Kronecker order.
@@ -27,8 +27,8 @@ it, and every damped solve of a Kron goes through it.
 * ``"pi"``: factored with Martens & Grosse's (2015) π-rule, λ_A = π√λ, λ_G = √λ/π,
   π = √((tr A / dim A) / (tr G / dim G)) (π = 1 when a factor has zero trace).
 * ``"trace"``: factored with the trace-normalised split of TKFAC (Gao et al. 2021; the paper's own
-  rule is not public — this is the derived "normalised factors, equal damping" choice of papers.md
-  §2.2): λ_A = √(λ tr A / tr G), λ_G = √(λ tr G / tr A), i.e. δ(P + μI) ⊗ (Q + μI) with
+  rule could not be checked — this is the derived "normalised factors, equal damping" choice):
+  λ_A = √(λ tr A / tr G), λ_G = √(λ tr G / tr A), i.e. δ(P + μI) ⊗ (Q + μI) with
   P = A/tr A, Q = G/tr G, δ = tr A tr G, μ = √(λ/δ).
 
 In the eigenbasis a factored damping is (λ^A_j + λ_A)(λ^G_i + λ_G) = λ^G_i λ^A_j + λ_G λ^A_j + λ_A λ^G_i
