@@ -24,7 +24,7 @@ from torch import Tensor
 
 from curvlab.approx.factors import KronPiece
 from curvlab.linalg import CurvatureMatrix, Eigh
-from curvlab.linalg.kron import EigenKron, Kron
+from curvlab.linalg.kron import EigenKron, ForwardOnly, Kron, TraceKron
 
 __all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average", "one_batch"]
 
@@ -61,7 +61,7 @@ def _tkfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
 
 def _tkfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
     c = _trace_factor(s["trace"], s["A"], s["G"])
-    return Kron(s["A"], c * s["G"], bias=p.folded), {"c": c, "trace": float(s["trace"])}
+    return TraceKron(s["A"], s["G"], c, bias=p.folded), {"c": c, "trace": float(s["trace"])}
 
 
 def _eigen_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
@@ -87,8 +87,7 @@ def _foof_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
 
 
 def _foof_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
-    A = s["A"]
-    return Kron(A, torch.eye(p.d_out, dtype=A.dtype, device=A.device), bias=p.folded), {}
+    return ForwardOnly(s["A"], p.d_out, bias=p.folded), {}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh, check_damping, s
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.layout import KronLayout
 
-__all__ = ["Kron", "EigenKron", "KroneckerFactored", "DAMPING_MODES", "factor_damping"]
+__all__ = ["Kron", "EigenKron", "TraceKron", "ForwardOnly", "KroneckerFactored", "DAMPING_MODES", "factor_damping"]
 
 #: the damping modes every Kronecker matrix understands
 DAMPING_MODES = ("exact", "factored", "pi", "trace")
@@ -428,3 +428,33 @@ class Kron(KroneckerFactored):
 
     def _top_eigen(self, k: int) -> Eigh:
         return self.eigen()._top_eigen(k)
+
+
+class TraceKron(Kron):
+    """c · (A ⊗ G): a Kronecker product rescaled to a prescribed trace (TKFAC; Gao et al. 2021).
+
+    Stored as the Kron (A, c·G) — every operation is Kron's — with the unscaled output factor and
+    c kept (``trace_factor``, ``unscaled_G``); scaling keeps the structure.
+    """
+
+    def __init__(self, A: Tensor, G: Tensor, trace_factor: float, bias: bool = False) -> None:
+        super().__init__(A, trace_factor * G, bias)
+        self.trace_factor, self.unscaled_G = float(trace_factor), G
+
+    @property
+    def structure(self) -> str:
+        return "trace_kron"
+
+    def _scaled(self, alpha: float) -> CurvatureMatrix:
+        return TraceKron(self.A, self.unscaled_G, alpha * self.trace_factor, self.bias)
+
+
+class ForwardOnly(Kron):
+    """A ⊗ I: an input factor only, no output statistics (FOOF; Benzing 2022, arXiv 2201.12250)."""
+
+    def __init__(self, A: Tensor, outputs: int, bias: bool = False) -> None:
+        super().__init__(A, torch.eye(outputs, dtype=A.dtype, device=A.device), bias)
+
+    @property
+    def structure(self) -> str:
+        return "forward_only"
