@@ -17,7 +17,8 @@ function        block (per nn.Linear / nn.Conv2d)                      own dampi
 ==============  =====================================================  ===========================
 
 Every function takes the same options, ``f(prob, fisher, mc_samples, seed, approx, unsupported)``:
-``fisher`` ∈ {"type2", "mc", "empirical"} chooses the curvature being approximated (the GGN / true
+``fisher`` ∈ {"ggn", "fisher_mc", "empirical_fisher"} (also "type2", "mc", "empirical": see
+:mod:`curvlab.vocabulary`) chooses the curvature being approximated (the GGN / true
 Fisher, its Monte-Carlo estimate with ``mc_samples`` labels per input drawn with ``seed``, the
 empirical Fisher; FOOF has no output factor and takes only ``None``); ``approx`` ∈ {"expand",
 "reduce"} the treatment of weight sharing (KFOC: only the split between its factors);

@@ -40,10 +40,11 @@ def kfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
         the problem; every trainable parameter must belong to an ``nn.Linear`` or ``nn.Conv2d``
         (groups=1) applied once per forward pass, unless ``unsupported="exact"``.
     fisher:
-        ``"type2"``: G from the columns of a symmetric factor of the loss Hessian (the exact
-        expectation over the model's predictive distribution; one backward pass per column, all
-        batched); ``"mc"``: from ``mc_samples`` labels sampled from the model (``seed``);
-        ``"empirical"``: from the data labels.
+        the curvature approximated (``curvlab.vocabulary``): ``"ggn"`` (also ``"type2"``): G from the
+        columns of a symmetric factor of the loss Hessian (the exact expectation over the model's
+        predictive distribution; one backward pass per column, all batched); ``"fisher_mc"`` (``"mc"``):
+        from ``mc_samples`` labels sampled from the model (``seed``); ``"empirical_fisher"``
+        (``"empirical"``, ``"ef"``): from the data labels.
     approx:
         weight sharing (inputs with extra dimensions, convolution patches): ``"expand"`` treats
         the T positions as extra samples, A = 1/(NT) Σ a aᵀ, G = Σ_{n,t} g gᵀ; ``"reduce"`` pools

@@ -55,6 +55,7 @@ from curvlab.approx.kfac import kfac
 from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Eigh, Kron, LowRank
 from curvlab.linalg.base import Damping, check_damping, singular_tolerance
 from curvlab.problem import Problem
+from curvlab.vocabulary import fisher_type
 
 __all__ = ["two_level_kfac", "TwoLevel", "COARSE_SPACES", "FINE_RULES"]
 
@@ -183,8 +184,8 @@ def two_level_kfac(prob: Problem, coarse: str | Tensor = "nicolaides", fisher: s
     coarse:
         one of :data:`COARSE_SPACES` or a basis tensor (P, k).
     fisher, mc_samples, seed, approx, unsupported:
-        as in :func:`curvlab.approx.kfac`; the exact F of the coarse level is the same kind (the GGN
-        for ``"type2"``, the Monte-Carlo Fisher with the same draws, the empirical Fisher).
+        as in :func:`curvlab.approx.kfac`; the exact F of the coarse level is the same kind (the GGN,
+        the Monte-Carlo Fisher with the same draws, the empirical Fisher).
     damping, fine_rule, gradient:
         the λ and fine rule with which the residual-based spaces are built (``gradient``: the g of
         their residual, default the problem's gradient); ``direction(g, λ)`` may use any λ.
@@ -193,6 +194,7 @@ def two_level_kfac(prob: Problem, coarse: str | Tensor = "nicolaides", fisher: s
         running averages along a trajectory, as ``curvlab.optim``'s ``kfac-2l-*`` methods do).
     """
     check_options(fisher, mc_samples, seed, approx, unsupported)
+    fisher = fisher_type(fisher)
     lam = check_damping(damping)
     if fine_rule not in FINE_RULES:
         raise ValueError(f"unknown fine_rule {fine_rule!r}: use one of {FINE_RULES}")

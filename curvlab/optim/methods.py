@@ -42,6 +42,7 @@ from curvlab.optim.preconditioners import (
     KroneckerPreconditioner,
     TwoLevelPreconditioner,
 )
+from curvlab.vocabulary import fisher_type
 
 __all__ = ["TrainingMethod", "METHODS", "names", "make"]
 
@@ -66,6 +67,14 @@ def _check_rule(rule: str, allowed: tuple[str, ...], what: str) -> str:
     return rule
 
 
+def _fisher(value: Any) -> str:
+    try:
+        return fisher_type(value)
+    except ValueError:
+        raise ValueError(f"unknown fisher {value!r}: use 'ggn', 'fisher_mc' or 'empirical_fisher' (or 'type2', 'mc', "
+                         "'empirical')") from None
+
+
 def _check_period(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive integer; got {value!r}")
@@ -75,10 +84,9 @@ def _check_period(value: Any, what: str) -> int:
 def _kronecker(method: str) -> Callable[[dict[str, Any]], KroneckerPreconditioner]:
     def build(o: dict[str, Any]) -> KroneckerPreconditioner:
         _check_rule(o["damping_rule"], ("own", "exact", "factored", "pi", "trace"), "damping_rule")
-        if method != "foof":
-            _check_rule(o["fisher"], ("type2", "mc", "empirical"), "fisher")
+        fisher = None if method == "foof" else _fisher(o["fisher"])
         return KroneckerPreconditioner(
-            method, _check_number(o["damping"], "damping"), o["damping_rule"], o.get("fisher"),
+            method, _check_number(o["damping"], "damping"), o["damping_rule"], fisher,
             _check_period(o["mc_samples"], "mc_samples"), o["seed"],
             _check_rule(o["approx"], ("expand", "reduce"), "approx"),
             _check_rule(o["unsupported"], ("error", "exact"), "unsupported"),
@@ -120,8 +128,7 @@ def _exact(kind: str, structure: str) -> Callable[[dict[str, Any]], ExactPrecond
             rule = _check_rule(o["hessian_rule"], ("exact", "abs"), "hessian_rule")
             return ExactPreconditioner(kind, structure, damping, inverse_period=_check_period(
                 o["inverse_period"], "inverse_period"), hessian_rule=rule)
-        return ExactPreconditioner(kind, structure, damping, _check_rule(o["fisher"], ("type2", "mc", "empirical"),
-                                                                         "fisher"),
+        return ExactPreconditioner(kind, structure, damping, _fisher(o["fisher"]),
                                    _check_period(o["mc_samples"], "mc_samples"), o["seed"],
                                    _check_period(o["inverse_period"], "inverse_period"))
 
@@ -140,10 +147,10 @@ def _kbfgs(method: str) -> Callable[[dict[str, Any]], KBFGSPreconditioner]:
 
 
 _KRON_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "kl_clip": 1e-2, "damping": 1e-2,
-                  "damping_rule": "own", "fisher": "type2", "mc_samples": 1, "approx": "expand",
+                  "damping_rule": "own", "fisher": "ggn", "mc_samples": 1, "approx": "expand",
                   "unsupported": "error", "ema_decay": 0.95, "stats_period": 1, "inverse_period": 10}
 _NG_DEFAULTS = {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "kl_clip": None, "damping": 1e-1,
-                "fisher": "type2", "mc_samples": 1, "inverse_period": 1}
+                "fisher": "ggn", "mc_samples": 1, "inverse_period": 1}
 _NEWTON_DEFAULTS = {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "kl_clip": None, "damping": 1e-1,
                     "inverse_period": 1, "hessian_rule": "exact"}
 _GROUPED_DEFAULTS = {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "kl_clip": None, "partition": "canonical",
