@@ -190,6 +190,8 @@ def save_figures(ds: xr.Dataset, stem: str | os.PathLike, dpi: int = FIGURE_DPI,
     written = []
     for name, fig in drawn.items():
         path = stem.parent / f"{stem.name}-{name}.png"
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed while drawing
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:

@@ -115,13 +115,13 @@ def _record(run: Run, store: CellStore, key: str, outcome: Outcome) -> Outcome:
 
 def _execute(run: Run, pool: Pool, todo: list[str], on_outcome: Callable[[str, Outcome], None]) -> None:
     """Run the cells ``todo`` (keys) through the pool, handing each outcome over as soon as it is there."""
-    args = {k: (run.cells[run.keys.index(k)], cell_seed(run.cells[run.keys.index(k)], k)) for k in todo}
+    cells = dict(zip(run.keys, run.cells))
     if pool.executor is None:
         for k in todo:
-            on_outcome(k, compute_cell(run.study.run_cell, args[k][0], run.config, args[k][1]))
+            on_outcome(k, compute_cell(run.study.run_cell, cells[k], run.config, cell_seed(cells[k], k)))
         return
-    futures = {pool.executor.submit(compute_cell, run.study.run_cell, cell, run.config, seed): k
-               for k, (cell, seed) in args.items()}
+    futures = {pool.executor.submit(compute_cell, run.study.run_cell, cells[k], run.config, cell_seed(cells[k], k)): k
+               for k in todo}
     try:
         for fut in as_completed(futures):
             on_outcome(futures[fut], outcome_of(fut))
@@ -131,11 +131,11 @@ def _execute(run: Run, pool: Pool, todo: list[str], on_outcome: Callable[[str, O
         raise
 
 
-def _merge(run: Run, store: CellStore, executor: str, counts: dict[str, Any]) -> xr.Dataset:
+def _merge(run: Run, store: CellStore, finished: dict[str, xr.Dataset], executor: str,
+           counts: dict[str, Any]) -> xr.Dataset:
     from curvlab.studies import results
     from curvlab.studies.claims import verdicts
 
-    finished = store.load_finished()
     failures = store.failures()
     if not finished:
         first = failures[0] if failures else {"cell": None, "error": "no cell finished"}
@@ -150,6 +150,25 @@ def _merge(run: Run, store: CellStore, executor: str, counts: dict[str, Any]) ->
     return verdicts(ds, run.study)
 
 
+def _compute_missing(run: Run, store: CellStore, start_pool: Callable[[], Pool], todo: list[str],
+                     progress: Any) -> str:
+    """Compute the cells ``todo``, each written and marked as it arrives; returns the executor's description."""
+    if not todo:
+        return "none (every cell was resumed)"
+    pool = start_pool()
+    shown = Progress(progress, run.study.name, len(run.keys), len(run.keys) - len(todo))
+    try:
+        def on_outcome(key: str, outcome: Outcome) -> None:
+            outcome = _record(run, store, key, outcome)
+            shown.update(store.entries[key]["cell"], outcome.status, outcome.seconds, outcome.error)
+
+        _execute(run, pool, todo, on_outcome)
+    finally:
+        shown.close()
+        pool.close()
+    return pool.description
+
+
 def execute(run: Run, executor: Any = None, restart: bool = False, progress: Any = None) -> xr.Dataset:
     """Compute a prepared run's missing cells, merge, decide the claims, write the netCDF and figures."""
     from curvlab.studies import results
@@ -158,31 +177,25 @@ def execute(run: Run, executor: Any = None, restart: bool = False, progress: Any
     start_pool = plan_executor(executor)
     store = run.store()
     store.open(run.cells, run.keys, restart=restart)
-    try:
-        todo = [k for k in run.keys if k not in store.load_finished()]
-        pool = start_pool()
-        shown = Progress(progress, run.study.name, len(run.keys), len(run.keys) - len(todo))
-        try:
-            def on_outcome(key: str, outcome: Outcome) -> None:
-                outcome = _record(run, store, key, outcome)
-                shown.update(store.entries[key]["cell"], outcome.status, outcome.seconds, outcome.error)
-
-            _execute(run, pool, todo, on_outcome)
-        finally:
-            shown.close()
-            pool.close()
+    try:  # the folder's lock is held until the result and its figures are written
+        finished = store.load_finished()
+        todo = [k for k in run.keys if k not in finished]
+        description = _compute_missing(run, store, start_pool, todo, progress)
+        finished.update(store.load_finished(todo))  # every cell merged as read back from its file
         counts = {"cells": len(run.keys), "computed": len(todo), "resumed": len(run.keys) - len(todo),
                   "seconds": time.perf_counter() - t0}
-        ds = _merge(run, store, pool.description, counts)
+        ds = _merge(run, store, finished, description, counts)
+        failures = results.failed_cells(ds)
+        if failures:
+            warnings.warn(f"{len(failures)} of {len(run.keys)} cells of {run.study.name} failed (their errors: "
+                          f"failed_cells(ds), {run.folder / 'manifest.json'}); the first, {failures[0]['cell']}: "
+                          f"{failures[0]['error']}", CellFailedWarning, stacklevel=4)
+        for stale in run.path.parent.glob(f".{run.path.name}.*.tmp"):  # left by a run killed while saving
+            stale.unlink(missing_ok=True)
+        results.save(ds, run.path)
+        run.figure_paths = results.save_figures(ds, run.path.with_suffix(""), study=run.study)
     finally:
         store.close()
-    failures = results.failed_cells(ds)
-    if failures:
-        warnings.warn(f"{len(failures)} of {len(run.keys)} cells of {run.study.name} failed (their errors: "
-                      f"failed_cells(ds), {run.folder / 'manifest.json'}); the first, {failures[0]['cell']}: "
-                      f"{failures[0]['error']}", CellFailedWarning, stacklevel=4)
-    results.save(ds, run.path)
-    run.figure_paths = results.save_figures(ds, run.path.with_suffix(""), study=run.study)
     return ds
 
 

@@ -17,7 +17,7 @@ import datetime as _dt
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -149,12 +149,13 @@ class CellStore:
     def file(self, key: str) -> Path:
         return self.folder / f"cell-{key}.nc"
 
-    def load_finished(self) -> dict[str, xr.Dataset]:
-        """The cells whose files load and belong to this configuration (others are removed)."""
+    def load_finished(self, keys: Iterable[str] | None = None) -> dict[str, xr.Dataset]:
+        """The cells (of ``keys``, default all) whose files load and belong to this configuration;
+        an unreadable or foreign cell file is removed (the cell is computed again)."""
         from curvlab.compare.report import load
 
         done = {}
-        for key in self.entries:
+        for key in self.entries if keys is None else keys:
             path = self.file(key)
             if not path.exists():
                 continue

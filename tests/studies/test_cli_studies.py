@@ -78,3 +78,21 @@ def test_plot_redraws_a_study_figures(toy, tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "toy-quick.nc")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {png}"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_listing_the_studies_imports_nothing_heavy():
+    """`curvlab studies` imports every study module: they keep xarray, matplotlib … inside their functions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("xarray", "pandas", "scipy", "matplotlib", "seaborn", "h5netcdf", "distributed")
+    code = ("import contextlib, io, sys\nfrom curvlab.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    codes = [main(['studies']), main(['run', '--help'])]\n"
+            "assert codes == [0, 0], codes\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

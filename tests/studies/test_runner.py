@@ -160,6 +160,43 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_dataset(toy, tmp_p
     xr.testing.assert_identical(stable(cl.studies.load(out / "toy.nc")), reference)
 
 
+def test_a_pool_worker_killed_by_sigkill_fails_its_cells_and_a_resume_completes_them(toy, tmp_path, reference,
+                                                                                      monkeypatch):
+    import threading
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    monkeypatch.setenv("CURVLAB_TOY_BLOCK", json.dumps({"dir": str(flags), "cell": [2, 1.5]}))
+    killed = []
+
+    def kill_the_worker() -> None:  # the worker computing the blocking cell, by its process id
+        deadline = time.monotonic() + 180
+        while not (flags / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = int((flags / "started").read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    killer.start()
+    with pytest.warns(cl.studies.CellFailedWarning):
+        broken = cl.studies.run("toy", out=tmp_path, progress=False, executor="processes:2")
+    killer.join(timeout=10)
+    assert killed and killed[0] != os.getpid()
+    failures = cl.studies.failed_cells(broken)
+    assert {"a": 2, "b": 1.5} in [f["cell"] for f in failures]
+    assert all(f["error"].startswith("executor: BrokenProcessPool") for f in failures)
+    cells = tmp_path / "toy" / "cells"
+    assert f"cell-{cell_key({'a': 2, 'b': 1.5})}.nc" not in cell_files(cells) and leftovers(tmp_path) == []
+    for name in cell_files(cells):
+        cl.studies.load(cells / name)  # every file that exists is complete
+
+    monkeypatch.delenv("CURVLAB_TOY_BLOCK")
+    resumed = cl.studies.run("toy", out=tmp_path, progress=False)
+    assert toy.CALLS == [c for c in GRID if {"a": c[0], "b": c[1]} in [f["cell"] for f in failures]]
+    xr.testing.assert_identical(stable(resumed), reference)
+
+
 def test_a_finished_run_is_merged_again_without_computing(toy, tmp_path):
     first = cl.studies.run("toy", out=tmp_path, progress=False, a=[1])
     toy.CALLS.clear()

@@ -4,7 +4,8 @@ Cell (a, b): y(x) = (a·x + b)² on ``points`` grid points of [0, 1], its mean, 
 normal draws (which show that a cell's seeding does not depend on where it ran). ``fail`` lists
 [a, b] pairs whose cell raises. Outside the configuration (so as not to change its hash), the
 environment variable ``CURVLAB_TOY_BLOCK`` = JSON ``{"dir": folder, "cell": [a, b]}`` makes that
-cell write ``folder/started`` and wait for ``folder/release``: a run that a test kills mid-way.
+cell write its process id to ``folder/started`` and wait for ``folder/release``: a run that a test
+kills mid-way.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _block_if_asked(cell: dict) -> None:
     if [cell["a"], cell["b"]] != spec["cell"]:
         return
     folder = Path(spec["dir"])
-    (folder / "started").write_text("started")
+    (folder / ".started").write_text(str(os.getpid()))  # the process computing the cell, written
+    os.replace(folder / ".started", folder / "started")  # whole before the flag appears
     deadline = time.monotonic() + 120
     while not (folder / "release").exists():
         if time.monotonic() > deadline:
