@@ -18,16 +18,21 @@ curvature batch: g = ∇L(θ_c), and for every λ of ``damping`` the update dire
 ``ng-block``       the same with F's diagonal blocks (one per layer)
 ``foof``           −∇W (A + λI)⁻¹ per layer (FOOF; ``cl.approx.foof``)
 ``foof-matched``   −∇W (A + λ_A I)⁻¹ with the input damping KFAC's π-rule gives that layer,
-                   λ_A = π_l √λ: the FOOF step that π-damped KFAC approaches when λ_G swamps G
+                   λ_A = π_l √λ (FOOF as an optimizer: one step size for every layer)
+``foof-layerwise`` the same scaled per layer by 1/λ_G = π_l/√λ: the step π-damped KFAC
+                   approaches when λ_G swamps G
 ``sgd``            −g
 =================  ===========================================================================
 
 and their pairwise cosines, whole (``cosine``) and per layer (``block_cosine``); KFAC's factors are
 those of the batch itself (no running averages), so that every method sees the same data (the
 "control" setting). With the expansion (A + λ_A I) ⊗ (G + λ_G I) = A⊗G + λ_G(A⊗I) + λ_A(I⊗G) +
-λ_Aλ_G I, π-damping adds λ_G times FOOF's matrix A⊗I: when λ_G ≫ ‖G‖ the KFAC step is
-λ_G⁻¹ times the matched FOOF step. The damping diagnostics per layer — the share of eig(G) below
-λ_G (``cl.compare.factor_fraction_below``), λ_G/‖G‖₂ and λ_A/‖A‖₂ — say where that happens.
+λ_Aλ_G I, π-damping adds λ_G times FOOF's matrix A⊗I: when λ_G ≫ ‖G‖ the KFAC step of layer l
+is λ_G,l⁻¹ times the matched FOOF step. Since π_l differs between layers (often by an order of
+magnitude), KFAC then behaves like FOOF with layer-wise step sizes π_l/√λ (``foof-layerwise``) rather
+than like FOOF with one step size (``foof-matched``): per layer both have the same direction, over the
+whole network only the former. The damping diagnostics per layer — the share of eig(G) below λ_G
+(``cl.compare.factor_fraction_below``), λ_G/‖G‖₂ and λ_A/‖A‖₂ — say where the limit is reached.
 
 **Training** (one cell per method × learning rate × damping of ``grid``): ``cl.optim.train`` on the
 same problem, minibatches of ``batch_size``, ``train_steps`` steps, for ``sgd``, ``kfac``
@@ -37,7 +42,13 @@ their factors of each step's batch in running averages (decay 0.95) refreshed ev
 ``inverse_period`` steps, NG the exact GGN of each batch: the methods differ only in their
 preconditioner. The best run per method is the one with the lowest final training loss (its mean
 over the last 10 % of the steps; the whole grid is stored); a run whose loss stops being finite
-counts as diverged.
+counts as diverged. For the curvature methods the final loss depends mostly on lr/λ (a ridge of good
+settings at lr ≈ λ for KFAC and NG, lr ≈ 0.3–3 λ for FOOF, measured in earlier full runs); each
+grid spans its method's ridge around the best setting found.
+
+``threads`` (default 1) sets torch's intra-op threads inside each cell: the cells are small dense
+problems, fastest with one thread each and one cell per core (``curvlab run kfac-vs-newton
+--processes 2``); the seconds per step of the training runs are measured under that setting.
 
 The claims B1–B5 (Benzing's headlines in testable form; the paper's own numbers could not be
 retrieved) are decided from the merged Dataset. On a network this small, exact natural gradient
@@ -71,7 +82,7 @@ __all__ = ["STUDY", "CLAIMS", "DIRECTION_METHODS", "TRAIN_METHODS", "run_cell", 
            "best_runs", "final_loss", "figures"]
 
 #: the update directions compared at every checkpoint (``method`` and ``versus`` coordinates)
-DIRECTION_METHODS = ("kfac", "kfac-exact", "ng", "ng-block", "foof", "foof-matched", "sgd")
+DIRECTION_METHODS = ("kfac", "kfac-exact", "ng", "ng-block", "foof", "foof-matched", "foof-layerwise", "sgd")
 #: the training methods (``train_method`` coordinate)
 TRAIN_METHODS = ("sgd", "kfac", "kfac-exact", "ng", "ng-block", "foof")
 #: sentinel values of the cell keys a cell of the other part does not use
@@ -81,7 +92,12 @@ _NONE_METHOD, _NONE_CHECKPOINT = "-", -1
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``count`` (0: unchanged) while the cell runs, then restored."""
+    """torch's intra-op threads set to ``count`` (0: unchanged) while the cell runs, then restored.
+
+    The cells are small dense problems: several threads per cell mostly contend for the cores
+    (measured: a KFAC step on digits-mlp is several times slower with 2 threads on a busy 2-core
+    machine), so the studies run one thread per cell and one cell per core.
+    """
     import torch
 
     old = torch.get_num_threads()
@@ -147,19 +163,21 @@ def _kron_blocks(K: Any) -> list[tuple[str, slice, Any]]:
     return out
 
 
-def matched_foof_direction(K: Any, g: Tensor, damping: float) -> Tensor:
+def matched_foof_direction(K: Any, g: Tensor, damping: float, layerwise: bool = False) -> Tensor:
     """FOOF's step with KFAC's π-rule input damping: per layer −∇W (A + λ_A I)⁻¹, λ_A = π_l √λ.
 
     ``K`` is a KFAC approximation (``cl.approx.kfac``): its A factors and its π_l =
     √((tr A / dim A) / (tr G / dim G)) (``curvlab.linalg.kron.factor_damping("pi", ...)``).
+    ``layerwise=True`` divides layer l's step by its output damping λ_G = √λ/π_l: the limit of
+    KFAC's π-damped step (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ when λ_G ≫ ‖G‖.
     """
     from curvlab.linalg.kron import ForwardOnly, factor_damping
 
     out = g.new_empty(g.shape)
     for _, s, block in _kron_blocks(K):
         (eA, _), (eG, _) = block.factor_eigh()
-        lam_A, _ = factor_damping("pi", damping, eA, eG)
-        out[s] = -ForwardOnly(block.A, block.p, block.bias).solve(g[s], lam_A)
+        lam_A, lam_G = factor_damping("pi", damping, eA, eG)
+        out[s] = -ForwardOnly(block.A, block.p, block.bias).solve(g[s], lam_A) / (lam_G if layerwise else 1.0)
     return out
 
 
@@ -175,6 +193,7 @@ def direction_functions(batch: Problem) -> tuple[dict[str, Callable[[Tensor, flo
             "ng-block": lambda g, lam: FB.direction(g, lam),
             "foof": lambda g, lam: Fo.direction(g, lam),
             "foof-matched": lambda g, lam: matched_foof_direction(K, g, lam),
+            "foof-layerwise": lambda g, lam: matched_foof_direction(K, g, lam, layerwise=True),
             "sgd": lambda g, lam: -g}, K
 
 
@@ -477,9 +496,10 @@ CLAIMS = [
 # ---------------------------------------------------------------------------------------------- figures
 _LABELS = {"kfac": "KFAC (π-damping)", "kfac-exact": "KFAC (exact damping)", "ng": "exact NG",
            "ng-block": "exact NG, block-diagonal", "foof": "FOOF (same λ)", "foof-matched": "FOOF (λ_A = π√λ)",
+           "foof-layerwise": "FOOF (λ_A = π√λ), layer steps 1/λ_G",
            "sgd": "gradient (SGD)"}
 _COLORS = {"kfac": "C0", "kfac-exact": "C1", "ng": "C3", "ng-block": "C4", "foof": "C2", "foof-matched": "C8",
-           "sgd": "C7"}
+           "foof-layerwise": "C9", "sgd": "C7"}
 
 
 def _figure(width: float, height: float, ncols: int = 1, sharey: bool = False) -> tuple[Any, Any]:
@@ -497,7 +517,7 @@ def _cosine_panel(ax: Any, ds: xr.Dataset, method: str) -> None:
         c = _cos(ds, method, other)
         ax.plot(lam, c.median("checkpoint"), marker="o", ms=4, color=_COLORS[other], label=_LABELS[other])
         if ds.sizes["checkpoint"] > 1:
-            ax.fill_between(lam, c.min("checkpoint"), c.max("checkpoint"), color=_COLORS[other], alpha=0.15, lw=0)
+            ax.fill_between(lam, c.min("checkpoint"), c.max("checkpoint"), color=_COLORS[other], alpha=0.1, lw=0)
     ax.set_xscale("log")
     ax.set_xlabel("damping λ")
     ax.set_title(f"{_LABELS[method]} vs …", fontsize=10)
@@ -619,11 +639,11 @@ STUDY = Study(
         "damping": [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
         "train_methods": list(TRAIN_METHODS), "train_steps": 200, "kl_clip": None, "inverse_period": 1,
         "grid": {"sgd": {"lr": [0.1, 0.3, 1.0]},
-                 "kfac": {"lr": [0.03, 0.1, 0.3], "damping": [0.1, 0.3, 1.0]},
-                 "kfac-exact": {"lr": [0.03, 0.1, 0.3], "damping": [0.1, 0.3, 1.0]},
-                 "ng": {"lr": [0.03, 0.1, 0.3], "damping": [0.03, 0.1, 0.3]},
-                 "ng-block": {"lr": [0.03, 0.1, 0.3], "damping": [0.03, 0.1, 0.3]},
-                 "foof": {"lr": [0.03, 0.1, 0.3], "damping": [0.01, 0.1, 1.0]}},
+                 "kfac": {"lr": [0.01, 0.03, 0.1], "damping": [0.01, 0.03, 0.1, 0.3]},
+                 "kfac-exact": {"lr": [0.01, 0.03, 0.1], "damping": [0.01, 0.03, 0.1, 0.3]},
+                 "ng": {"lr": [0.1, 0.3, 1.0], "damping": [0.1, 0.3, 1.0]},
+                 "ng-block": {"lr": [0.1, 0.3, 1.0], "damping": [0.1, 0.3, 1.0]},
+                 "foof": {"lr": [0.3, 1.0, 3.0], "damping": [0.1, 1.0, 10.0]}},
         "threads": 1,
     },
     quick={"n": 256, "checkpoints": [0, 100], "damping": [1e-3, 1e-2, 1e-1, 1.0], "train_steps": 50,
@@ -653,7 +673,7 @@ STUDY = Study(
         "train_diverged": ("1", "the run's loss or gradient stopped being finite"),
         "checkpoint": ("step", "SGD step of the trajectory at which the directions are compared"),
         "damping": ("1", "λ of the update directions (same units as the curvature)"),
-        "method": ("1", "update direction (kfac, kfac-exact, ng, ng-block, foof, foof-matched, sgd)"),
+        "method": ("1", "update direction (kfac, kfac-exact, ng, ng-block, foof, foof-matched, foof-layerwise, sgd)"),
         "versus": ("1", "the other update direction of the pair (same names as method)"),
         "block": ("1", "layer: block of the problem's partition (nn.Sequential index)"),
         "param": ("1", "index into the flat parameter vector"),
@@ -663,5 +683,5 @@ STUDY = Study(
         "train_damping": ("1", "damping λ of the run (NaN for sgd)"),
         "step": ("step", "optimizer step of the training runs (0: initialisation)"),
     },
-    version="1",
+    version="2",
 )

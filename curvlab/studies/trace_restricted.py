@@ -32,6 +32,9 @@ exact for EKFAC), and ``trace_factor`` = c_l of TKFAC.
 ``cl.problems.load(problem, n=n, seed=s)`` (its initialisation and data subset) with minibatch
 seed s.
 
+``threads`` as in :mod:`curvlab.studies.kfac_vs_newton` (one torch thread per cell; run the cells
+in parallel with ``--processes``).
+
 Claims T1–T4: T1 and T2 are exact identities (checked to a relative tolerance of 10⁻¹⁰), T3 is
 empirical, T4 is a training claim (small or no differences are expected on a network this small;
 the effect sizes are what the study reports).
@@ -295,8 +298,11 @@ def _panels(n: int, height: float = 3.6, sharey: bool = True) -> tuple[Any, Any]
 
 
 def _steps_axis(ax: Any, ds: xr.Dataset) -> None:
-    ax.set_xscale("symlog", linthresh=max(1, int(sorted(ds["checkpoint"].values)[1]) if ds.sizes["checkpoint"] > 1
-                                          else 1))
+    """Checkpoint steps on a symmetric-log axis: linear up to the first nonzero checkpoint, then log."""
+    steps = sorted(int(c) for c in ds["checkpoint"].values)
+    linthresh = max(1, steps[1] if len(steps) > 1 else 1)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(-0.2 * linthresh, 1.3 * max(steps[-1], linthresh))
     ax.set_xlabel("SGD step (checkpoint)")
     ax.grid(alpha=0.3)
 
@@ -376,10 +382,10 @@ def _training_figure(ds: xr.Dataset) -> Any:
         loss = ds["train_loss"].sel(train_method=m)
         left.plot(steps, loss.median("train_seed"), color=_COLORS[m], label=_LABELS[m])
         left.fill_between(steps, loss.min("train_seed"), loss.max("train_seed"), color=_COLORS[m], alpha=0.15, lw=0)
-        right.scatter(logs.sel(train_method=m).values, [m] * ds.sizes["train_seed"], color=_COLORS[m], s=20)
+        right.scatter(logs.sel(train_method=m).values, [_LABELS[m]] * ds.sizes["train_seed"], color=_COLORS[m], s=20)
     left.set(yscale="log", xlabel="optimizer step", ylabel=f"training loss ({ds.attrs.get('loss_function', '')})")
     left.legend(fontsize=8, title=f"median and range over {ds.sizes['train_seed']} seeds", title_fontsize=8)
-    right.set(xlabel="log10 final training loss (one dot per seed)")
+    right.set(xlabel="log10 final training loss (mean over the last 10 % of the steps; a dot per seed)")
     notes = []
     for other in ("ekfac", "tkfac"):
         if "tekfac" in ds["train_method"].values and other in ds["train_method"].values:

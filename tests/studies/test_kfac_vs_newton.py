@@ -70,7 +70,7 @@ def _reference_directions(batch, lam: float) -> dict[str, torch.Tensor]:
     eye = torch.eye(F.shape[0], dtype=F.dtype)
     out = {"ng": -torch.linalg.solve(F + lam * eye, g), "sgd": -g}
     K = cl.approx.kfac(batch)
-    parts = {m: [] for m in ("ng-block", "kfac", "kfac-exact", "foof", "foof-matched")}
+    parts = {m: [] for m in ("ng-block", "kfac", "kfac-exact", "foof", "foof-matched", "foof-layerwise")}
     for s, block in zip(batch.partition.slices, K.blocks):
         Fb, gb = F[s, s], g[s]
         A, G = block.A, block.G
@@ -85,6 +85,7 @@ def _reference_directions(batch, lam: float) -> dict[str, torch.Tensor]:
         parts["kfac-exact"].append(-torch.linalg.solve(Kb + lam * torch.eye(len(gb), dtype=F.dtype), gb))
         parts["foof"].append(-_flat(X @ torch.linalg.inv(A + lam * I_A)))
         parts["foof-matched"].append(-_flat(X @ torch.linalg.inv(A + lam_A * I_A)))
+        parts["foof-layerwise"].append(parts["foof-matched"][-1] / lam_G)
     out.update({m: torch.cat(v) for m, v in parts.items()})
     return out
 
@@ -199,9 +200,10 @@ def test_training_claims_follow_the_data(ds):
 def test_matched_foof_is_foof_at_each_layers_input_damping():
     prob = cl.problems.load("digits-mlp", n=64)
     K, g, lam = cl.approx.kfac(prob), prob.gradient(), 1e-2
-    x = kvn.matched_foof_direction(K, g, lam)
+    x, y = kvn.matched_foof_direction(K, g, lam), kvn.matched_foof_direction(K, g, lam, layerwise=True)
     for s, block in zip(prob.partition.slices, K.blocks):
         (eA, _), (eG, _) = block.factor_eigh()
         lam_A = math.sqrt(lam) * math.sqrt((float(eA.sum()) / len(eA)) / (float(eG.sum()) / len(eG)))
-        foof = cl.approx.foof(prob)
-        torch.testing.assert_close(x[s], foof.direction(g, lam_A)[s], rtol=1e-12, atol=1e-14)
+        foof = cl.approx.foof(prob).direction(g, lam_A)[s]
+        torch.testing.assert_close(x[s], foof, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(y[s], foof * lam_A / lam, rtol=1e-12, atol=1e-14)
