@@ -19,7 +19,9 @@ What is measured
   divided by the block's steps — so the amortised refreshes (e.g. KFAC's inverses every 10 steps)
   are included at their share. Steps over 0.1 s are timed one period at a time, and a block over
   5 s is repeated 3 times (over 30 s: once); a method whose first step takes over 20 s is
-  reported by that step alone.
+  reported by that step alone. A run that curvlab refuses as singular (its check of the damped
+  eigenvalues or pivots against size·ε·scale) is measured again at λ = 1 and marked ``*``, with the
+  step at which the default λ refused.
 * **ASDL** (``asdfghjkl`` 0.1a5, imported as ``asdl``): the same blocks of
   ``zero_grad``; ``gm.setup_model_call(model, X)``; ``gm.setup_loss_call(loss_fn, out, y)``;
   ``gm.forward_and_backward()``; ``torch.optim.SGD(lr=1e-3, momentum=<curvlab's default>).step()``.
@@ -29,8 +31,12 @@ What is measured
   scale R); damping λ with ASDL's π-rule for KFAC (curvlab's KFAC default, λ = 1e-2); EMA decay
   ``1 − ema_decay`` (ASDL weighs the new batch by its ``ema_decay``); statistics every step and
   inverses every ``inverse_period`` steps (``curvature_upd_interval``, ``preconditioner_upd_interval``);
-  K-BFGS with λ = 0.3 (√λ on A and μ₂ = √λ, as curvlab) and A's decay 0.9. Where ASDL lacks a
-  method, a Fisher type or a loss, or fails, the row says so and why (the error is printed).
+  K-BFGS with λ = 0.3 (√λ on A and μ₂ = √λ, as curvlab) and A's decay 0.9. ASDL's ``fisher_exact``
+  is curvlab's ``type2`` (one backward pass per class), ``fisher_emp`` its ``empirical``; its EKFAC
+  takes only the latter and, as its EMA would sum eigenvector matrices, runs without one (the
+  eigenbasis of each batch: matched by curvlab's EKFAC with ``ema_decay=0``, ``inverse_period=1``).
+  Where ASDL lacks a method, a Fisher type or a loss, or fails, the row says so and why (the error
+  is printed).
   ASDL's Kronecker preconditioners wrap their inverses in ``torch.cuda.nvtx.range``, which raises on
   a CPU-only torch build; the script replaces that one name in ``asdl.precondition.natural_gradient``
   by a no-op context (nothing else of ASDL is changed).
@@ -38,7 +44,10 @@ What is measured
   "canonical", order=2 | 3)`` with u = −g (H̄ and ḡ: 1 + S backward passes; with D⁽³⁾: 1 + 2S)
   against forming the dense Hessian ``cl.exact.hessian(prob).to_dense()``, on every canned problem
   (N = batch), in seconds and multiples of one gradient (``harness.gradient_time``: median of 50
-  ``prob.gradient()``), medians of ``--repeats`` runs after a warm-up.
+  ``prob.gradient()``), medians of ``--repeats`` runs after a warm-up (the dense Hessian of
+  P > 4,000: one run).
+* ``--profile METHOD …``: where one step's time goes (cProfile over 50 steady-state steps on the
+  first problem): the optimizer's phases and the largest self times.
 
 Targets (issue 10, digits-mlp, batch 128): K-BFGS ≤ 3×, KFAC with inverses every 10 steps ≤ 2×,
 ``ng`` ≤ 10× an SGD step. The script prints whether they hold. The 1-minute load average
@@ -73,12 +82,12 @@ TARGETS = {"kbfgs": 3.0, "kfac": 2.0, "ng": 10.0}  # digits-mlp, multiples of an
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: a curvlab method with options, its refresh period, and its ASDL counterpart's key."""
+    """One row: a curvlab method with options (over its defaults) and its counterpart."""
 
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
-    peer: str | None = None      # key of ``asdl_makers`` / ``torch_peers``; None: no counterpart
+    peer: str | None = None      # a key of ``asdl_makers`` or "torch:<optimizer>"; None: no counterpart
     why_none: str = ""           # why there is no counterpart
 
 
@@ -396,6 +405,9 @@ def bench_steps(name: str, args, dtype) -> dict[str, float]:
         rows.append([v.label, str(period), *ours, peer, *theirs, note])
         if t is not None and v.label == v.method and not v.options and not ours_note:
             multiples[v.method] = t / unit
+    if not rows:
+        print(f"## {name}: no method selected\n")
+        return multiples
     print(f"## {name}: P = {prob.num_params:,}, batch {args.batch} ({len(data)} batches cycled), "
           f"{str(dtype).split('.')[-1]}; SGD step {fmt_seconds(min(units))}–{fmt_seconds(max(units))} "
           f"(median {fmt_seconds(statistics.median(units))}); load average {load0} → {loadavg()}")
