@@ -296,11 +296,10 @@ def _training(cell: dict[str, Any], config: dict[str, Any]):
     except FloatingPointError:
         ds = None
     if ds is not None:
-        out.update(loss=ds["loss"].values, final_theta=ds["theta"].values[-1], diverged=False,
-                   fallbacks=int(ds.attrs.get("state_fallbacks", -1)),
-                   refreshes=int(ds.attrs.get("state_refreshes", -1)))
-        if "subset_lr" in ds:
-            out["subset_lr"] = ds["subset_lr"].sel(subset=subsets).values
+        out.update(loss=ds["loss"].values, final_theta=ds["theta"].values[-1], diverged=False)
+        if method == "grouped-newton":
+            out.update(fallbacks=int(ds.attrs["state_fallbacks"]), refreshes=int(ds.attrs["state_refreshes"]),
+                       subset_lr=ds["subset_lr"].sel(subset=subsets).values)
     return xr.Dataset({"loss": ("step", out["loss"]), "subset_lr": (("step", "subset"), out["subset_lr"]),
                        "final_theta": ("param", out["final_theta"]),
                        "final_loss": ((), float(out["loss"][-1])), "fallbacks": ((), out["fallbacks"]),
@@ -445,15 +444,18 @@ def _exactness_figure(ds):
     for var, label, marker in series:
         ax.plot(ds["checkpoint"].values, np.maximum(ds[var].values, FLOOR), marker=marker, label=label)
     ax.set(yscale="log", xlabel="training step of the GroupedNewton trajectory (seed 0)",
-           ylabel="relative error (1)", title=f"W1/W2 on {ds.attrs.get('problem', '')}: exact to rounding")
+           ylabel="relative error (1)",
+           title=f"W1/W2 on {ds.attrs.get('problem', '')}: exact to rounding; the central difference\n"
+                 f"to its truncation error (exact zeros drawn at {FLOOR:g})")
+    ax.title.set_fontsize(10)
     ax.axhline(1e-10, color="0.4", ls=":", lw=1, label="criterion 1e-10")
+    ax.axhline(1e-6, color="tab:red", ls=":", lw=1, label="criterion 1e-6 (central difference)")
     ax.legend(fontsize=8, loc="center right")
     bx.plot(ds["newton_iterate"].values, np.maximum(ds["newton_error"].values, FLOOR), marker="o")
     bx.axhline(1e-10, color="0.4", ls=":", lw=1)
     bx.set(yscale="log", xlabel="iterate of the S = P step (convex logistic regression)",
            ylabel="‖Δθ − (−H⁻¹g)‖ / ‖H⁻¹g‖ (1)", title="W2: S = P, u = −g is Newton's step")
     bx.set_xticks(ds["newton_iterate"].values)
-    fig.text(0.5, -0.02, f"exact zeros drawn at {FLOOR:g}", ha="center", fontsize=8)
     return fig
 
 
@@ -469,10 +471,11 @@ def _subset_lr_figure(ds):
         ax.plot(ds["step"].values, np.where(y > 0, y, np.nan), label=str(s))
     fb = ds["fallbacks"].sel(run=run).values
     ref = ds["refreshes"].sel(run=run).values
+    clipped = float((ds["subset_lr"].sel(run=run).isel(step=slice(1, None)) == 0).mean())
     ax.set(yscale="log", xlabel="training step", ylabel="per-subset learning rate λ₁·η_s (1)",
            title=f"GroupedNewton's per-subset learning rates ({run}, seed {int(ds['seed'].values[0])})\n"
-                 f"solver fallbacks: {int(fb.sum())} of {int(ref.sum())} refreshes over all seeds; "
-                 "η_s = 0 (clipped) not drawn")
+                 f"over all seeds: solver fallbacks in {int(fb.sum())} of {int(ref.sum())} refreshes, η_s clipped "
+                 f"to 0 (gaps) in {100 * clipped:.0f}% of (step, subset)")
     ax.title.set_fontsize(9)
     ax.legend(title="subset", fontsize=8, ncols=2)
     return fig
@@ -507,7 +510,7 @@ def _training_figure(ds):
             geo = np.exp(np.nanmean(np.log(loss), axis=0))
         line, = ax.plot(steps, geo, label=f"{run}")
         ax.fill_between(steps, np.nanmin(loss, axis=0), np.nanmax(loss, axis=0), color=line.get_color(), alpha=0.15)
-    ax.set(yscale="log", xlabel="training step", ylabel="training loss (cross-entropy, nats)",
+    ax.set(yscale="log", xlabel="training step", ylabel="training loss (nats)",
            title=f"Tuned runs on {ds.attrs.get('problem', '')} (n = {ds.attrs.get('n', '')}): geometric mean "
                  f"over {ds.sizes['seed']} seeds, band min–max")
     ax.title.set_fontsize(10)
@@ -518,19 +521,26 @@ def _training_figure(ds):
 def _tuning_figure(ds):
     import numpy as np
 
-    fig, (ax,) = _figure(7.0, 4.5)
+    fig, (ax,) = _figure(8.5, 4.5)
+    cap = 3.0 * float(np.nanmax(ds["loss"].isel(step=0).values))  # above: a diverging run
     for method in dict.fromkeys(str(m) for m in ds["run_method"].values):
         runs = [str(r) for r, m in zip(ds["run"].values, ds["run_method"].values) if str(m) == method]
         lrs = ds["run_lr"].sel(run=runs).values
-        final = ds["final_loss"].sel(run=runs).values
-        with np.errstate(divide="ignore", invalid="ignore"):
-            geo = np.exp(np.log(final).mean(axis=1))
-        ax.plot(lrs, geo, marker="o", label=method, ls="--" if "diagonal" in method else "-")
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            geo = np.exp(np.log(ds["final_loss"].sel(run=runs).values).mean(axis=1))
+        line, = ax.plot(lrs, np.where(geo <= cap, geo, np.nan), marker="o", label=method,
+                        ls="--" if "diagonal" in method else "-")
+        high = ~(geo <= cap)
+        ax.plot(lrs[high], np.full(int(high.sum()), cap), marker="^", ms=9, ls="none", color=line.get_color())
+        best, value = tuned(ds, method)
+        if math.isfinite(value):
+            ax.plot(float(ds["run_lr"].sel(run=best)), value, marker="*", ms=14, color=line.get_color(), ls="none")
     ax.set(xscale="log", yscale="log", xlabel="learning rate (λ₁ for GroupedNewton)",
            ylabel="final training loss, geometric mean over seeds (nats)",
-           title="Learning-rate grids (W4, W5: full vs diagonal H̄ on the same λ₁); diverged runs not drawn")
+           title="Learning-rate grids (W4; W5: full vs diagonal H̄ on the same λ₁)\n★ tuned; ▲ above 3× the "
+                 "initial loss or diverged")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
+    fig.legend(fontsize=8, loc="outside right center")
     return fig
 
 
@@ -602,8 +612,9 @@ STUDY = Study(
                 "rescaling a layer, training against Adam, KFAC and SGD, and the diagonal-H̄ ablation",
     paper="Wolinski (2023-2025), arXiv:2312.03885",
     config={"problem": "digits-mlp", "n": 1437, "steps": 200, "batch_size": 128, "seeds": 5,
-            "damping_int": 1.0, "period": 10, "gn_lr": [0.03, 0.1, 0.3], "adam_lr": [0.003, 0.01, 0.03],
-            "kfac_lr": [0.003, 0.01, 0.03], "sgd_lr": [0.03, 0.1, 0.3], "exact_steps": [0, 50, 100, 200],
+            "damping_int": 1.0, "period": 10, "gn_lr": [0.03, 0.1, 0.3, 1.0],
+            "adam_lr": [0.003, 0.01, 0.03, 0.1], "kfac_lr": [0.003, 0.01, 0.03, 0.1], "sgd_lr": [0.03, 0.1, 0.3, 1.0],
+            "exact_steps": [0, 50, 100, 200],
             "fd_step": 1e-5, "newton_iterates": 4,
             "invariance_lr": {"grouped-newton": 0.1, "sgd": 0.1, "adam": 0.01}, "invariance_steps": 50,
             "invariance_alpha": 10.0, "invariance_n": 256},

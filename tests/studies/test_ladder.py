@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import curvlab as cl
 from curvlab.studies import ladder as ld
@@ -29,7 +30,7 @@ def test_quick_run_has_the_documented_variables_and_dims(ds):
         assert ds[name].attrs["units"] and ds[name].attrs["description"], name
     assert ds["method"].values.tolist() == list(ld.METHODS)
     assert ds["reference"].values.tolist() == list(ld.REFERENCES)
-    assert ds["claim"].values.tolist() == ["L1", "L2", "L3"]
+    assert ds["claim"].values.tolist() == ["L1", "L2", "L3", "L4"]
     for p in ds["problem"].values:  # θ padded with NaN beyond each problem's P, block names with ""
         P = int(ds["num_params"].sel(problem=p))
         theta = ds["theta"].sel(problem=p).values
@@ -85,8 +86,12 @@ def test_the_verdicts_follow_the_data(ds):
     changed["cross_block_fraction"].loc[{"problem": "digits-mlp"}] = 0.0
     err = changed["relative_error"]
     err.loc[{"reference": "ggn", "method": "kfac-ef"}] = err.sel({"reference": "ggn", "method": "kfac-mc"}) + 10.0
+    gn = {"reference": "hessian", "method": "ggn"}
+    first = err.sel(gn).isel(checkpoint=0, drop=True)
+    err.loc[gn] = first * xr.DataArray(np.linspace(1.0, 2.0, ds.sizes["checkpoint"]), dims="checkpoint")
     again = cl.studies.verdicts(changed)
-    assert again["claim_holds"].sel(claim=["L1", "L2", "L3"]).values.tolist() == [False, False, True]
+    assert again["claim_holds"].sel(claim=["L1", "L2", "L3", "L4"]).values.tolist() == [False, False, True, False]
+    assert float(again["claim_value"].sel(claim="L4")) == pytest.approx(2.0)
     assert float(again["claim_value"].sel(claim="L1")) == pytest.approx(0.1)
     assert float(again["claim_value"].sel(claim="L3")) == 1.0
 
