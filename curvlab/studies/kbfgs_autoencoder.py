@@ -77,13 +77,13 @@ training set ``cl.problems.load(problem, n=train_n, seed=seed)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from curvlab.studies import Claim, Study
 
 __all__ = ["STUDY", "CONFIG", "METHODS", "method_options", "best_runs", "loss_floor", "checkpoint_steps",
-           "total_steps"]
+           "total_steps", "timed_training", "layer_table"]
 
 KBFGS_METHODS = ("kbfgs", "kbfgs-l")
 SECOND_ORDER = (*KBFGS_METHODS, "kfac")
@@ -242,14 +242,13 @@ def _analysis(method: str, C, batch, damping: float, layers: list[str], exact_da
 
 
 class _Record:
-    """The arrays of one run, filled step by step and at the checkpoints."""
+    """The checkpoint arrays of one run."""
 
     def __init__(self, steps: int, checkpoints: list[int], num_layers: int, num_params: int,
                  num_exact: int) -> None:
         import numpy as np
 
         nan = np.nan
-        self.loss, self.seconds, self.cpu_seconds = (np.full(steps + 1, nan) for _ in range(3))
         self.cps = checkpoints
         c, L = len(checkpoints), num_layers
         self.theta = np.full((c, num_params), nan)
@@ -257,7 +256,6 @@ class _Record:
         self.hg_eig = np.full((2, c, L), nan)
         self.step_cosine, self.gradient_cosine = np.full((c, num_exact), nan), np.full((c, num_exact), nan)
         self.dd_count = np.full((c, L, len(COUNTERS)), nan)
-        self.diverged = -1
 
     def checkpoint(self, t: int, theta, method: str, opt, batch, damping: float, layers: list[str],
                    exact_damping: list[float]) -> None:
@@ -286,9 +284,55 @@ def _warm_up(method: str, prob, options: dict[str, Any], batch_size: int) -> Non
     opt.step(prob.X[:batch_size], prob.y[:batch_size])
 
 
-def _train(cell: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[_Record, list[str], list[str], float]:
+def timed_training(prob, method: str, options: dict[str, Any], steps: int, batch_size: int, seed: int,
+                   on_step: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any]:
+    """Train a copy of ``prob``'s model with :func:`curvlab.optim.make` on :func:`curvlab.optim.batches`.
+
+    One torch thread, after a warm-up step on a throw-away copy. Returns ``loss`` (on all of ``prob``'s
+    samples, after each step; index 0: before the first), ``seconds`` and ``cpu_seconds`` (cumulative
+    wall-clock and CPU time of the optimizer steps alone) — NaN after a divergence — and
+    ``diverged_step`` (−1: none): the step that raised ``FloatingPointError`` or whose loss was not
+    finite or above ``DIVERGED`` × the initial loss. ``on_step(t, θ, opt)`` runs after every step.
+    """
     import copy
     import time
+
+    import numpy as np
+    import torch
+
+    import curvlab as cl
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reproducible timings: CPU time of one thread ≈ wall-clock on an idle core
+    try:
+        _warm_up(method, prob, options, batch_size)
+        opt = cl.optim.make(method, copy.deepcopy(prob.model), prob.loss_fn, **options)
+        out = {k: np.full(steps + 1, np.nan) for k in ("loss", "seconds", "cpu_seconds")}
+        out["loss"][0], out["seconds"][0], out["cpu_seconds"][0], out["diverged_step"] = prob.loss(), 0.0, 0.0, -1
+        wall = cpu = 0.0
+        for t, ix in enumerate(cl.optim.batches(prob.num_samples, batch_size, steps, seed), 1):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            try:
+                opt.step(prob.X[ix], prob.y[ix])
+            except FloatingPointError:
+                out["diverged_step"] = t
+                break
+            wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - start_cpu
+            theta = opt.theta()
+            out["loss"][t], out["seconds"][t], out["cpu_seconds"][t] = prob.loss(theta), wall, cpu
+            if not math.isfinite(out["loss"][t]) or out["loss"][t] > DIVERGED * out["loss"][0]:
+                out["diverged_step"] = t
+                break
+            if on_step is not None:
+                on_step(t, theta, opt)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _train_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
+    import numpy as np
+    import xarray as xr
 
     import curvlab as cl
 
@@ -296,59 +340,32 @@ def _train(cell: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[_Record,
     batch = cl.problems.load(config["problem"], n=config["curvature_n"], seed=config["seed"])
     method, damping = cell["method"], cell["damping"]
     layers, shapes = layer_table(prob)
-    options = method_options(method, cell["lr"], damping, config)
-    _warm_up(method, prob, options, config["batch_size"])
-    opt = cl.optim.make(method, copy.deepcopy(prob.model), prob.loss_fn, **options)
     steps = total_steps(config)
     rec = _Record(steps, checkpoint_steps(config), len(layers), prob.num_params, len(config["exact_damping"]))
-    rec.loss[0], rec.seconds[0], rec.cpu_seconds[0] = prob.loss(), 0.0, 0.0
-    wall = cpu = 0.0
-    for t, ix in enumerate(cl.optim.batches(prob.num_samples, config["batch_size"], steps, config["seed"]), 1):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        try:
-            opt.step(prob.X[ix], prob.y[ix])
-        except FloatingPointError:
-            rec.diverged = t
-            break
-        wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - start_cpu
-        theta = opt.theta()
-        rec.loss[t], rec.seconds[t], rec.cpu_seconds[t] = prob.loss(theta), wall, cpu
-        if not math.isfinite(rec.loss[t]) or rec.loss[t] > DIVERGED * rec.loss[0]:
-            rec.diverged = t
-            break
+
+    def on_step(t: int, theta, opt) -> None:
         if t in rec.cps:
             rec.checkpoint(t, theta, method, opt, batch, damping, layers, config["exact_damping"])
-    return rec, layers, shapes, loss_floor(prob)
 
-
-def _train_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
-    import numpy as np
-    import torch
-    import xarray as xr
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible timings: CPU time of one thread ≈ wall-clock on an idle core
-    try:
-        rec, layers, shapes, floor = _train(cell, config)
-    finally:
-        torch.set_num_threads(threads)
+    curves = timed_training(prob, method, method_options(method, cell["lr"], damping, config), steps,
+                            config["batch_size"], config["seed"], on_step)
     per = steps_per_epoch(config)
-    steps = np.arange(rec.loss.size)
+    step = np.arange(steps + 1)
     cl_ = ("checkpoint", "layer")
     return xr.Dataset(
-        {"loss": ("step", rec.loss), "seconds": ("step", rec.seconds), "cpu_seconds": ("step", rec.cpu_seconds),
-         "diverged_step": ((), rec.diverged),
+        {"loss": ("step", curves["loss"]), "seconds": ("step", curves["seconds"]),
+         "cpu_seconds": ("step", curves["cpu_seconds"]), "diverged_step": ((), curves["diverged_step"]),
          "theta": (("checkpoint", "param"), rec.theta), "factor_cosine": (cl_, rec.factor_cosine),
          "top_overlap": (cl_, rec.top_overlap), "hg_eig_min": (cl_, rec.hg_eig[0]),
          "hg_eig_max": (cl_, rec.hg_eig[1]), "exact_g_eig_max": (cl_, rec.exact_g_eig_max),
          "step_cosine": (("checkpoint", "exact_damping"), rec.step_cosine),
          "gradient_cosine": (("checkpoint", "exact_damping"), rec.gradient_cosine),
-         "dd_count": (("checkpoint", "layer", "counter"), rec.dd_count), "loss_floor": ((), floor)},
-        coords={"step": steps, "epoch": ("step", steps / per), "checkpoint": np.array(rec.cps),
+         "dd_count": (("checkpoint", "layer", "counter"), rec.dd_count), "loss_floor": ((), loss_floor(prob))},
+        coords={"step": step, "epoch": ("step", step / per), "checkpoint": np.array(rec.cps),
                 "checkpoint_epoch": ("checkpoint", np.array(rec.cps) / per), "layer": layers,
                 "layer_shape": ("layer", shapes), "counter": list(COUNTERS),
                 "exact_damping": np.array(config["exact_damping"], dtype=float),
-                "param": np.arange(rec.theta.shape[1])})
+                "param": np.arange(prob.num_params)})
 
 
 # ------------------------------------------------------------------------------------------ the Hessian-action check
