@@ -14,8 +14,9 @@ problem (``train_n`` samples, ``seed``) for ``epochs`` epochs of minibatches of 
 (:func:`curvlab.optim.batches`, seeded with ``seed``), with :func:`curvlab.optim.make` and the
 options of :func:`method_options`:
 
-* ``kbfgs``, ``kbfgs-l`` (memory ``history``): the authors' defaults otherwise (gradient momentum
-  0.9, weight decay 1e-5, A decay 0.9);
+* ``kbfgs``, ``kbfgs-l`` (memory ``history`` = 10: the authors keep 100 pairs for layers of up to 1,000
+  units; 10 keeps that ratio of memory to width at widths ≤ 64, where 100 pairs would hold more than
+  the dense H_g): the authors' defaults otherwise (gradient momentum 0.9, weight decay 1e-5, A decay 0.9);
 * ``kfac``: the paper's baseline — true Fisher (``fisher="mc"``, one sampled label per example),
   factored damping √λ on each factor (``damping_rule="factored"``), factor EMA 0.9, inverses every
   ``kfac_inverse_period`` = 20 steps (the authors also refresh at each of the first 20 steps; here
@@ -76,14 +77,15 @@ training set ``cl.problems.load(problem, n=train_n, seed=seed)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from curvlab.studies import Claim, Study
 
 __all__ = ["STUDY", "CONFIG", "METHODS", "method_options", "best_runs", "loss_floor", "checkpoint_steps",
-           "total_steps", "timed_training", "layer_table"]
+           "total_steps", "timed_training", "layer_table", "one_thread"]
 
 KBFGS_METHODS = ("kbfgs", "kbfgs-l")
 SECOND_ORDER = (*KBFGS_METHODS, "kfac")
@@ -100,7 +102,7 @@ DIVERGED = 10.0
 
 CONFIG: dict[str, Any] = {
     "problem": "digits-autoencoder-relu", "seed": 0, "train_n": 1797, "curvature_n": 256, "batch_size": 256,
-    "epochs": 40, "checkpoint_epochs": [1, 10, 40], "exact_damping": [1e-5, 1e-4, 1e-3, 1e-2],
+    "epochs": 40, "checkpoint_epochs": [1, 10, 40], "exact_damping": [1e-5, 1e-4, 1e-3],
     "weight_decay": 1e-5, "history": 10,
     "kfac_inverse_period": 20, "sgd_momentum": 0.9,
     "grid": {"kbfgs": {"lr": [0.3, 1.0, 3.0], "damping": [1e-4, 1e-3, 1e-2]},
@@ -284,6 +286,20 @@ def _warm_up(method: str, prob, options: dict[str, Any], batch_size: int) -> Non
     opt.step(prob.X[:batch_size], prob.y[:batch_size])
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch limited to one thread inside (restored after): small matrices gain nothing from more, timings are
+    reproducible, and on a machine shared with other work a thread pool only adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def timed_training(prob, method: str, options: dict[str, Any], steps: int, batch_size: int, seed: int,
                    on_step: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any]:
     """Train a copy of ``prob``'s model with :func:`curvlab.optim.make` on :func:`curvlab.optim.batches`.
@@ -298,13 +314,10 @@ def timed_training(prob, method: str, options: dict[str, Any], steps: int, batch
     import time
 
     import numpy as np
-    import torch
 
     import curvlab as cl
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible timings: CPU time of one thread ≈ wall-clock on an idle core
-    try:
+    with one_thread():  # reproducible timings: CPU time of one thread ≈ wall-clock on an idle core
         _warm_up(method, prob, options, batch_size)
         opt = cl.optim.make(method, copy.deepcopy(prob.model), prob.loss_fn, **options)
         out = {k: np.full(steps + 1, np.nan) for k in ("loss", "seconds", "cpu_seconds")}
@@ -325,8 +338,6 @@ def timed_training(prob, method: str, options: dict[str, Any], steps: int, batch
                 break
             if on_step is not None:
                 on_step(t, theta, opt)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -426,7 +437,8 @@ def _k3_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
     """A training run (``part="train"``) or the Hessian-action check at one λ (``part="k3"``)."""
-    ds = _train_cell(cell, config) if cell["part"] == "train" else _k3_cell(cell, config)
+    with one_thread():
+        ds = _train_cell(cell, config) if cell["part"] == "train" else _k3_cell(cell, config)
     ds.attrs.update(problem=config["problem"], n=int(config["curvature_n"]), seed=int(config["seed"]),
                     train_n=int(config["train_n"]), batch_size=int(config["batch_size"]))
     return ds

@@ -242,7 +242,10 @@ def _train_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
     """One problem × checkpoint of the linear-algebra study, or one training run."""
-    ds = _algebra_cell(cell, config) if cell["part"] == "algebra" else _train_cell(cell, config)
+    from curvlab.studies.kbfgs_autoencoder import one_thread
+
+    with one_thread():
+        ds = _algebra_cell(cell, config) if cell["part"] == "algebra" else _train_cell(cell, config)
     ds.attrs.update(seed=int(config["seed"]), train_n=int(config["train_n"]), batch_size=int(config["batch_size"]),
                     curvature_batch="cl.problems.load(problem, n=n[problem], seed=seed)")
     return ds
