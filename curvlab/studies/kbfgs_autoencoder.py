@@ -47,11 +47,13 @@ run's θ (``theta``):
   and the squared cosine of their top eigenvectors;
 * ``step_cosine``: the cosine of the method's step for the batch gradient (its own damping:
   ``C.direction(g, 0)`` for K-BFGS, whose damping is inside its factors; factored √λ for KFAC) with
-  the exact block-diagonal damped GGN step −(F_l + λI)⁻¹g_l (``cl.exact.ggn(batch, "block")``,
-  the run's λ); ``gradient_cosine``: the same for −g;
-* ``hg_eig_min``, ``hg_eig_max``: the extreme eigenvalues of H_g; ``dd_count``: the cumulative
-  double-damping counters of ``opt.state_summary()["counters"]`` (pairs offered, Powell and LM
-  stages triggered, updates skipped), per layer.
+  the exact block-diagonal damped GGN step −(F_l + λI)⁻¹g_l (``cl.exact.ggn(batch, "block")``) for
+  each λ of ``exact_damping`` — a sweep, because the exact GGN's eigenvalues here are ≲ 10⁻², so
+  at the runs' own λ the exact step is nearly −g/λ; ``gradient_cosine``: the same for −g;
+* ``hg_eig_min``, ``hg_eig_max``: the extreme eigenvalues of H_g; ``exact_g_eig_max``: the largest
+  eigenvalue of the exact G (to set against μ₂ = √λ); ``dd_count``: the cumulative double-damping
+  counters of ``opt.state_summary()["counters"]`` (pairs offered, Powell and LM stages triggered,
+  updates skipped), per layer.
 
 The K-BFGS state is a function of the whole trajectory, not of θ: numbers that depend on it are
 recomputed by replaying the run from its settings (deterministic); the exact references from θ alone.
@@ -60,7 +62,8 @@ recomputed by replaying the run from its settings (deterministic); the exact ref
 input factor (bias folded) of the curvature batch at the initial θ, A_LM = A + √λI fixed; H_a starts
 at I and receives ``k3_updates`` Hessian-action BFGS updates
 (:meth:`curvlab.approx.KBFGSLayerState.update_inputs`: s = H_a h̄, y = A_LM s) with h̄ varied:
-``source="gaussian"`` standard normal vectors (seeded), ``source="data"`` the single-sample inputs
+``source="gaussian"`` standard normal vectors (``torch.Generator`` seeded with 1000·seed + the layer's
+index), ``source="data"`` the single-sample inputs
 [a_n; 1] of the batch in turn. ``k3_error`` is ‖A_LM^½ H_a A_LM^½ − I‖_F/√d — the update maps
 E = A_LM^½ H_a A_LM^½ − I to (I − P)E(I − P) with P the projector on A_LM^½ s, so this error cannot
 increase (derived) and reaches 0 once the s span the space — and ``k3_error_plain`` is
@@ -560,11 +563,14 @@ def _k3(ds) -> tuple[float, bool]:
     import numpy as np
 
     err = ds["k3_error"].values  # (k3_damping, source, layer, update)
-    steps = np.diff(err, axis=-1) / err[..., :1]
-    monotone = bool(np.all(steps <= 1e-10))
+    rise = float((np.diff(err, axis=-1) / err[..., :1]).max())  # the largest increase over one update
+    return rise, rise <= 1e-10
+
+
+def _k3_limit(ds) -> tuple[float, bool]:
     gauss = ds["k3_error"].sel(source="gaussian")
     ratio = float((gauss.isel(update=-1) / gauss.isel(update=0)).max())
-    return ratio, monotone and ratio < 1e-3
+    return ratio, ratio < 1e-3
 
 
 CLAIMS = [
@@ -584,9 +590,12 @@ CLAIMS = [
     Claim("K2-skip", "after double damping (sᵀy ≥ μ₂‖s‖² > 0) no output-side BFGS update is skipped",
           "skipped / offered output-side updates over every K-BFGS and K-BFGS(L) run (the optimizer's counters "
           "at the last checkpoint reached); holds if 0", _k2_skip),
-    Claim("K3", "with A fixed the Hessian-action updates drive H_a to (A + √λI)⁻¹",
-          "‖A_LM^½ H_a A_LM^½ − I‖_F never increases over an update (relative 1e-10, every λ, layer, h̄ source) and "
-          "its final/initial ratio with Gaussian h̄ is < 1e-3 in every layer and λ (value: the largest ratio)", _k3),
+    Claim("K3", "with A fixed every Hessian-action update brings H_a closer to (A + √λI)⁻¹",
+          "the largest increase of ‖A_LM^½ H_a A_LM^½ − I‖_F over one update, relative to its initial value, over "
+          "every λ, layer and h̄ source (Gaussian, data); holds if ≤ 1e-10", _k3),
+    Claim("K3-limit", "with A fixed and varied h̄ the Hessian-action updates drive H_a to (A + √λI)⁻¹",
+          "the largest, over λ and layers, final/initial ratio of ‖A_LM^½ H_a A_LM^½ − I‖_F after k3_updates "
+          "updates with Gaussian h̄; holds if < 1e-3", _k3_limit),
 ]
 
 
@@ -627,6 +636,7 @@ def _curves(ds, x: str):
 def _grid_figure(ds):
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     methods = [m for m in METHODS if m in set(ds["method"].values.astype(str))]
     fig = Figure(figsize=(3.2 * min(3, len(methods)), 2.8 * math.ceil(len(methods) / 3)), layout="constrained")
@@ -641,10 +651,12 @@ def _grid_figure(ds):
             ax.plot(lr[order], final.values[sel][order], marker="o",
                     label=f"λ {lam:g}" if m in SECOND_ORDER else "no damping")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        lrs = sorted(set(ds["lr"].values[runs]))
+        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(TITLES[m])
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("final loss − floor")
+        ax.set_ylabel("final loss − floor (nats / pixel)")
         ax.legend(fontsize=7, title="missing: diverged", title_fontsize=7)
     for ax in axes[len(methods):]:
         ax.set_visible(False)

@@ -48,7 +48,7 @@ def test_the_quick_run_has_the_documented_variables(ds, config):
     assert ds["layer_shape"].values.tolist() == ["64→32", "32→16", "16→8", "8→16", "16→32", "32→64"]
     assert (ds.attrs["problem"], ds.attrs["n"], ds.attrs["seed"]) == (config["problem"], config["curvature_n"],
                                                                       config["seed"])
-    assert ds["claim"].values.tolist() == ["K1", "K1-time", "K1-kfac", "K2", "K2-skip", "K3"]
+    assert ds["claim"].values.tolist() == ["K1", "K1-time", "K1-kfac", "K2", "K2-skip", "K3", "K3-limit"]
     first_order = np.isin(ds["method"].values.astype(str), study.FIRST_ORDER)
     assert np.isnan(ds["factor_cosine"].values[first_order]).all()
     assert np.isfinite(ds["factor_cosine"].values[~first_order]).all()  # no quick run diverges
@@ -217,3 +217,5 @@ def test_the_verdicts_are_computed_from_the_data(ds):
     flipped = dict(zip(again["claim"].values.tolist(), again["claim_holds"].values.tolist()))
     assert flipped["K1"] and flipped["K1-kfac"]
     assert not flipped["K2"] and not flipped["K2-skip"] and not flipped["K3"]
+    assert value["K3-limit"] == pytest.approx(float((ds["k3_error"].sel(source="gaussian").isel(update=-1)
+                                                     / ds["k3_error"].sel(source="gaussian").isel(update=0)).max()))
