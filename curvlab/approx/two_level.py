@@ -53,7 +53,7 @@ from curvlab.approx.base import Approximation
 from curvlab.approx.factors import check_options, collect
 from curvlab.approx.kfac import kfac
 from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Eigh, Kron, LowRank
-from curvlab.linalg.base import Damping, check_damping, singular_tolerance
+from curvlab.linalg.base import Damping, check_damping
 from curvlab.problem import Problem
 from curvlab.vocabulary import fisher_type
 
@@ -315,7 +315,7 @@ class TwoLevel(CurvatureMatrix):
             W = self.coarse_matrix + self.basis.T @ B
             W = 0.5 * (W + W.T)
             w = torch.linalg.eigvalsh(W)
-            if float(w.min()) <= singular_tolerance(float(w.abs().max()), 1000 * W.shape[0], W.dtype):
+            if float(w.min()) <= 1000 * W.shape[0] * torch.finfo(W.dtype).eps * float(w.abs().max()):
                 raise ValueError("the two-level matrix M₂ = K − KZ(ZᵀFZ + ZᵀKZ)⁻¹ZᵀK is undefined here: a coarse "
                                  "column has no curvature (e.g. all-ones on a softmax layer, whose output factor "
                                  "annihilates it); the damped update direction(g, λ) is still defined")

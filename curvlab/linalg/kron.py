@@ -201,10 +201,14 @@ class EigenKron(KroneckerFactored):
         return self.S + dG * eA[None, :] + dA * eG[:, None] + dA * dG
 
     def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
-        """The damped eigenvalues, refusing (numerically) singular ones."""
+        """The damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
+        key = ("denominators", mode, damping if not isinstance(damping, list) else tuple(damping))
+        if key in self._cache:
+            return self._cache[key]
         d = self._denominators(damping, mode)
         if bool((d.abs() <= singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype)).any()):
             raise self.singular_error(damping, float(d.abs().min()), mode)
+        self._cache[key] = d
         return d
 
     def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:

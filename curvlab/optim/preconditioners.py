@@ -154,7 +154,8 @@ class ExactPreconditioner(Preconditioner):
     ``"ng"`` / ``"ng-block"``: the exact subsampled natural gradient, −(F + λI)⁻¹g with F the GGN
     (``fisher="type2"``; the exact Fisher for the supported losses), its Monte-Carlo estimate or the
     empirical Fisher of the curvature batch, full or block-diagonal over the partition, solved by
-    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P;
+    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P — unless
+    the rows outnumber the parameters, when the layer-structured dense matrix is the cheaper form;
     Benzing 2022, arXiv 2201.12250; Koroko et al. 2023, arXiv 2303.18083). ``"newton"`` /
     ``"newton-block"``: the exact damped Hessian (dense, for small problems); an indefinite H + λI
     gives a step that need not descend (a saddle-free variant is ``hessian_rule="abs"``: |H| from the
@@ -169,15 +170,27 @@ class ExactPreconditioner(Preconditioner):
         self.hessian_rule = hessian_rule
         self._matrix: CurvatureMatrix | None = None
 
+    def _structure(self, batch: Problem) -> str:
+        """The low-rank form while its r = N·k rows are fewer than the parameters it covers, else dense:
+        with r ≥ P the Woodbury system is the larger one and the layer-structured dense build is cheaper."""
+        if self.structure not in ("low_rank", "block_low_rank"):
+            return self.structure
+        k = {"type2": batch.num_outputs, "mc": self.mc_samples, "empirical": 1}[self.fisher]
+        rows = batch.num_samples * k
+        if self.structure == "low_rank":
+            return "low_rank" if rows < batch.num_params else "full"
+        return "block_low_rank" if rows < batch.num_params / len(batch.partition) else "block"
+
     def _build(self, batch: Problem, step: int) -> CurvatureMatrix:
         if self.kind == "hessian":
             H = exact.hessian(batch, structure=self.structure)
             return _absolute(H) if self.hessian_rule == "abs" else H
+        structure = self._structure(batch)
         if self.fisher == "type2":
-            return exact.ggn(batch, structure=self.structure)
+            return exact.ggn(batch, structure=structure)
         if self.fisher == "mc":
-            return exact.fisher_mc(batch, structure=self.structure, samples=self.mc_samples, seed=self.seed + step)
-        return exact.empirical_fisher(batch, structure=self.structure)
+            return exact.fisher_mc(batch, structure=structure, mc_samples=self.mc_samples, seed=self.seed + step)
+        return exact.empirical_fisher(batch, structure=structure)
 
     def update(self, batch: Problem, step: int) -> None:
         if self._matrix is None or step % self.inverse_period == 0:
