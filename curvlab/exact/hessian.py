@@ -1,10 +1,14 @@
 """The exact Hessian ∇²L(θ).
 
-Parameters of single-use ``nn.Linear`` layers (every MLP) get their blocks from pre-activation
-second derivatives (:mod:`curvlab.exact.hessian_layers`): Σ_l d_out,l Hessian-vector products in
-pre-activation space plus one matrix product per pair of layers, instead of one product per
-parameter. Every other parameter (convolutions, normalisation, shared layers …) gets its columns
-from vmapped Hessian-vector products over chunks of basis vectors: the forward-over-reverse
+Parameters of verified layers (:func:`curvlab.layers.survey`: ``nn.Linear`` and ``nn.Conv2d``
+whose weights reach the loss through one call) get their blocks from pre-activation quantities
+(:mod:`curvlab.exact.hessian_layers`): pairs of single-position linear layers from Σ_l d_out,l
+Hessian-vector products in pre-activation space plus one matrix product per pair; pairs with a
+layer at several positions (convolutions, linear layers on sequences) from the tangents of the
+earlier layer — as GGN + Ψ terms along a chain of elementwise links when the network's residual
+curvature vanishes there (ReLU networks; tested at θ), directly otherwise — with GEMMs over
+samples and positions. Every other parameter (normalisation, shared or tied layers …) gets its
+columns from vmapped Hessian-vector products over chunks of basis vectors: the forward-over-reverse
 product ∂/∂ε ∇L(θ + ε e_j) (``torch.func.jvp`` of ``torch.func.grad``). For ``block`` each block
 differentiates only its own sub-vector θ_b (H_bb = ∇²_{θ_b} L), and ``diag`` keeps only the
 diagonal, so neither ever holds the rest of the matrix. Memory: one chunk of tangents through the
@@ -13,15 +17,13 @@ network (chunk × N × activations), the per-layer pre-activation curvature, and
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from curvlab import memory
-from curvlab.capture import Capture, LayerIO, capture, output_cotangents
-from curvlab.exact.conv_gemm import ConvAsGemm
+from curvlab.capture import Capture, GenericRows, LayerIO, capture, output_cotangents
+from curvlab.exact.conv_gemm import gemm_convolutions
 from curvlab.exact.hessian_layers import (
     Site,
     Structure,
@@ -32,7 +34,7 @@ from curvlab.exact.hessian_layers import (
     pair_block,
     structure,
 )
-from curvlab.exact.outer import _pair, diag_from_capture, symmetrize_
+from curvlab.exact.outer import _pair, diag_from_capture, kron_parts_into, symmetrize_
 from curvlab.layers import survey
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal, KronLayout
 from curvlab.problem import Problem
@@ -54,9 +56,7 @@ def default_chunk(prob: Problem) -> int:
 
 def _fast_conv(prob: Problem):
     """float64: convolutions as im2col + GEMM (see :mod:`curvlab.exact.conv_gemm`); else nothing."""
-    if prob.dtype == torch.float64 and any(isinstance(m, torch.nn.Conv2d) for m in prob.model.modules()):
-        return ConvAsGemm()
-    return contextlib.nullcontext()
+    return gemm_convolutions(prob.model, prob.dtype)
 
 
 def _sub_loss(prob: Problem, theta: Tensor, s: slice):
@@ -116,7 +116,7 @@ class _Plan:
         self.layers = survey(prob).layers
         self._sites: dict[str, Site] | None = None
         self._structure: Structure | None = None
-        self._pieces: dict[str, LayerIO] | None = None
+        self._pieces: dict[str, LayerIO | GenericRows] | None = None
 
     @property
     def sites(self) -> dict[str, Site]:
@@ -131,12 +131,14 @@ class _Plan:
         return self._structure
 
     @property
-    def pieces(self) -> dict[str, LayerIO]:
+    def pieces(self) -> dict[str, LayerIO | GenericRows]:
         """(a, g) of every verified layer under the GGN's output cotangents (curvlab.capture)."""
         if self._pieces is None:
             cap = capture(self.prob, output_cotangents(self.prob, "type2"), self.theta,
                           {n: L.module for n, L in self.layers.items()}, generic=False)
-            self._pieces = {p.name: p for p in cap.pieces}
+            # layers at several positions pair through their explicit rows: form them once
+            self._pieces = {p.name: p if p.positions == 1 else GenericRows((p.name,), p.start, p.jacobian_rows())
+                            for p in cap.pieces}
         return self._pieces
 
     def layout(self, name: str) -> KronLayout:
@@ -175,11 +177,14 @@ class _Plan:
         lc = layer_curvature(self.prob, {n: self.layers[n].module for n in names}, self.theta)
         for a, l in enumerate(names):
             for m in names[a:]:
+                if l == m:  # Σ_n Ξ^{ll} ⊗ ā ā^T (Ψ^{ll} = 0), straight into θ layout, exactly symmetric
+                    ab, lay = lc.abar(l), lc.layout(l)
+                    kron_parts_into(self._block(out, l, l, offset), lc.Xi(l, l), ab, ab, lay, lay, symmetric=True)
+                    continue
                 T = pair_block(lc, l, m)
                 lc.layout(l).scatter(self._block(out, l, m, offset), T, lc.layout(m))
                 del T
-                if l != m:  # the transposed block, copied from θ layout (no second gather)
-                    self._mirror(out, l, m, offset)
+                self._mirror(out, l, m, offset)  # the transposed block, copied from θ layout
 
     def _fill_shared(self, out: Tensor, names: list[str], offset: int) -> None:
         sites, st = self.sites, self.structure
@@ -213,7 +218,7 @@ class _Plan:
                 out[L.start + rng.start:L.start + rng.stop] = D[:, cols].reshape(-1)
         elif self.structure.fast(list(self.sites), name):  # the GGN's diagonal (Ψ^{ll} = 0, D^{ll} = 0)
             piece = self.pieces[name]
-            out[L.start:L.stop] = diag_from_capture(Capture([piece], piece.g, 0), L.stop).diag[L.start:]
+            out[L.start:L.stop] = diag_from_capture(Capture([piece], out, 0), L.stop).diag[L.start:]
         else:
             lay = self.layout(name)
             for p0, p1, X in direct_rows(self.prob, self.sites, name, [name], self.theta):

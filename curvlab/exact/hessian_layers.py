@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from curvlab.exact.conv_gemm import gemm_convolutions
 from curvlab.exact.outer import _CHUNK_BYTES, _kron_sum_symmetric_into
 from curvlab.layers import Layer, Rule, survey
 from curvlab.linalg.layout import KronLayout
@@ -175,7 +176,7 @@ def pair_block(lc: LayerCurvature, l: str, m: str) -> Tensor:
 
     Two row-major GEMMs with inner dimension N: T1[(o, p), (i, q)] = Ξ̃ (ā_l ⊙ ā_m) (as for the
     GGN, then permuted to (o, i, p, q)) and, when layer m feeds layer l,
-    T2[o, (i, p, q)] = δ̃_l (Ψ ⊙ ā_m), already in (o, i, p, q) order. A diagonal block (l = m, where
+    T2[(i, p), (o, q)] = Ψ̃ (δ_l ⊙ ā_m) (i·p rows, a small right operand), added permuted. A diagonal block (l = m, where
     Ψ = 0) is computed by halves and is exactly symmetric.
     """
     Psi_lm = lc.Psi(l, m)
@@ -195,14 +196,15 @@ def pair_block(lc: LayerCurvature, l: str, m: str) -> Tensor:
         e = min(i, s + step)
         AB = (al[:, s:e, None] * am[:, None, :]).reshape(N, -1)
         out[:, s:e] = (Xt @ AB).view(o, p, e - s, q).permute(0, 2, 1, 3)
-    if Psi_lm is not None:
-        dt = lc.delta[l].T.contiguous()  # (o, N)
-        out4 = out.view(o, i, p * q)
-        step = max(1, _CHUNK_BYTES // max(1, N * p * q * Xi.element_size()))
-        for s in range(0, i, step):
-            e = min(i, s + step)
-            PA = (Psi_lm[:, s:e, :, None] * am[:, None, None, :]).reshape(N, -1)  # (N, (i-chunk, p, q))
-            out4[:, s:e].add_((dt @ PA).view(o, e - s, p * q))
+    if Psi_lm is not None:  # Σ_n Ψ_n[i, p] (δ_n[o] ā_n,m[q]): rows (i, p), inner N, columns (o, q)
+        da = (lc.delta[l][:, :, None] * am[:, None, :]).reshape(N, o * q)
+        d_in = lc.acts[l].shape[1]  # the bias row of Ψ is zero
+        Pt = Psi_lm[:, :d_in].permute(1, 2, 0)  # (i, p, N)
+        step = max(1, _CHUNK_BYTES // max(1, p * max(N, o * q) * Xi.element_size()))
+        for s in range(0, d_in, step):
+            e = min(d_in, s + step)
+            T = Pt[s:e].reshape((e - s) * p, N) @ da  # ((i-chunk, p), (o, q))
+            out[:, s:e].add_(T.view(e - s, p, o, q).permute(2, 0, 1, 3))
     return out.view(o * i, p * q)
 
 
@@ -304,7 +306,9 @@ def _hooked(prob: Problem, params: dict[str, Tensor], sites: dict[str, Site] | d
         def hook(_m: nn.Module, _inp: tuple, out: Tensor) -> Tensor:
             order.append(name)
             out = out + add[name] if name in add else out
-            outs[name] = out
+            if name in outputs:
+                outs[name] = out
+                return out.clone()  # in-place operations downstream must not touch the recorded z
             return out
 
         return hook
@@ -533,7 +537,8 @@ def direct_rows(prob: Problem, sites: dict[str, Site], u: str, targets: list[str
     budget = max(1, (128 * 2**20) // (4 * prob.num_samples * width * su.abar.element_size()))
     for p0, p1 in _groups(su.d_out, per, budget):
         t = _pre_tangents(su, p0, p1) if mode == "pre" else _param_tangents(su, p0, p1)
-        d_delta, d_in = resp(t)
+        with gemm_convolutions(prob.model, prob.dtype):
+            d_delta, d_in = resp(t)
         out = {}
         for v in targets:
             sv = sites[v]

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from curvlab import memory
 from curvlab.capture import Capture, GenericRows, LayerIO
-from curvlab.linalg import BlockDiagonal, Dense, Diagonal
+from curvlab.linalg import BlockDiagonal, Dense, Diagonal, KronLayout
 from curvlab.problem import Partition
 
-__all__ = ["dense_from_capture", "block_from_capture", "diag_from_capture", "symmetrize_"]
+__all__ = ["dense_from_capture", "block_from_capture", "diag_from_capture", "symmetrize_", "kron_parts_into"]
 
 _CHUNK_BYTES = 8 * 2**20
 
@@ -151,18 +151,29 @@ def _layer_pair(p: LayerIO, q: LayerIO, out: Tensor) -> None:
             symmetrize_(out)
         return
     M = torch.einsum("kno,knp->nop", p.g[:, :, 0], q.g[:, :, 0])
-    ap, aq = p.layout.augment(p.a[:, 0]), q.layout.augment(q.a[:, 0])  # (N, q_p), (N, q_q)
-    parts_p, parts_q = list(p.layout.parts()), list(q.layout.parts())
-    for a, (rcols, rrange) in enumerate(parts_p):
-        for b, (ccols, crange) in enumerate(parts_q):
+    kron_parts_into(out, M, p.layout.augment(p.a[:, 0]), q.layout.augment(q.a[:, 0]), p.layout, q.layout,
+                    symmetric=p is q)
+
+
+def kron_parts_into(out: Tensor, M: Tensor, ap: Tensor, aq: Tensor, lp: KronLayout, lq: KronLayout,
+                    symmetric: bool) -> None:
+    """out = Σ_n M_n ⊗ ā_n,p ā_n,qᵀ in parameter order (rows lp, columns lq), part by part.
+
+    ``ap`` (N, q_p) and ``aq`` (N, q_q) are augmented inputs; each part of :meth:`KronLayout.parts`
+    is one :func:`_kron_sum_into`, written into its range. With ``symmetric`` (a diagonal block:
+    M_n symmetric, ap = aq) the weight part is computed by halves, the parts below the diagonal are
+    the transposes of those above it, and the block is exactly symmetric.
+    """
+    for a, (rcols, rrange) in enumerate(lp.parts()):
+        for b, (ccols, crange) in enumerate(lq.parts()):
             dst = out[rrange, crange]
-            if p is q and b < a:  # below the diagonal of a diagonal block: the transpose
+            if symmetric and b < a:  # below the diagonal of a diagonal block: the transpose
                 dst.copy_(out[crange, rrange].T)
-            elif p is q and a == b == 0:  # the weight part of a diagonal block: by halves
+            elif symmetric and a == b == 0:  # the weight part of a diagonal block: by halves
                 _kron_sum_symmetric_into(dst, M, ap[:, rcols])
             else:
                 _kron_sum_into(dst, M, ap[:, rcols], aq[:, ccols])
-                if p is q and a == b:  # bias × bias of a diagonal block: Σ_n M_n, symmetrised
+                if symmetric and a == b:  # bias × bias of a diagonal block: Σ_n M_n, symmetrised
                     dst.copy_(0.5 * (dst + dst.T))
 
 
