@@ -68,16 +68,14 @@ def _kron_sum_pairs_into(out: Tensor, M: Tensor, a: Tensor, b: Tensor, symmetric
     i, j = a.shape[1], b.shape[1]
     out4 = out.view(o, i, p, j)
     aT = a.T.contiguous()  # (i, N)
-    tmp = torch.empty(i, j, dtype=a.dtype, device=a.device)
     for r in range(o):
         for c in range(r if symmetric else 0, p):
-            torch.mm(aT * M[:, r, c], b, out=tmp)
+            dst = out4[r, :, c, :]
+            torch.mm(aT * M[:, r, c], b, out=dst)  # written in place (a strided view: ld = p·j)
             if symmetric and r == c:
-                out4[r, :, r, :] = 0.5 * (tmp + tmp.T)
-            else:
-                out4[r, :, c, :] = tmp
-                if symmetric:
-                    out4[c, :, r, :] = tmp.T
+                dst.copy_(0.5 * (dst + dst.T))
+            elif symmetric:
+                out4[c, :, r, :] = dst.T
 
 
 def _kron_sum_into(out: Tensor, M: Tensor, a: Tensor, b: Tensor) -> None:

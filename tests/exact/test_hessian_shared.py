@@ -221,3 +221,23 @@ def test_layout_scatter_rows(bias, accumulate):
         assert torch.equal(out, want)
     with pytest.raises(ValueError, match="rows"):
         list(r.parts(slice(2, 5)))
+
+
+@pytest.mark.parametrize("o,i", [(1, 300), (2, 700)])
+def test_kron_sums_by_pairs(o, i):
+    """Few outputs, many inputs: the kernels of curvlab.exact.outer take one GEMM per (o, p); the
+    result against an explicit einsum, and the symmetric one exactly symmetric in a strided block."""
+    from curvlab.exact.outer import _by_pairs, _kron_sum_into, _kron_sum_symmetric_into
+
+    assert _by_pairs(o * o, i * i)
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(4, o, 2, generator=g, dtype=torch.float64)
+    M = torch.einsum("nok,npk->nop", G, G)
+    a, b = (torch.randn(4, i, generator=g, dtype=torch.float64) for _ in range(2))
+    big = torch.zeros(o * i + 2, o * i + 3, dtype=torch.float64)
+    out = big[1:o * i + 1, 2:o * i + 2]
+    _kron_sum_into(out, M, a, b)
+    assert rel(out, torch.einsum("nop,ni,nj->oipj", M, a, b).reshape(o * i, o * i)) < 1e-14
+    _kron_sum_symmetric_into(out, M, a)
+    assert rel(out, torch.einsum("nop,ni,nj->oipj", M, a, a).reshape(o * i, o * i)) < 1e-14
+    assert torch.equal(out, out.T)
