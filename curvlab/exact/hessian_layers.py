@@ -588,6 +588,9 @@ def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
     chain = chain[:last + 1]
     su, v1 = sites[u], sites[chain[0]]
     chan, pos, valid = _index_maps(su, v1)
+    if v1.positions == 1:  # a single-position layer on u's reshaped output (a classifier head)
+        yield from _flat_rows(sites, links, u, chain, targets, chan[0], pos[0])
+        return
     uniform = bool((chan == chan[:1]).logical_or(~valid).all())  # each patch column reads one channel
     S1 = v1.patches(links[chain[0]].reshape(1, -1, *v1.in_shape))[0]  # (N, T1, d_in1): s at each patch entry
     n, T1 = v1.delta.shape[:2]
@@ -615,6 +618,35 @@ def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
                 for v, Xv in _propagate(sites, links, chain, dz, targets).items():
                     out[v].append(Xv)
         yield p0, p1, {v: torch.cat(Xs) for v, Xs in out.items()}
+
+
+def _flat_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str, chain: list[str], targets: list[str],
+               chan: Tensor, pos: Tensor) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
+    """:func:`chain_rows` when the next layer v1 reads u's output reshaped, at one position.
+
+    Input column c of v1 is channel chan(c), position pos(c) of z_u, so the Ψ rows are, for each
+    position t of u, one GEMM (δ_v1 ⊗ s[:, c(·, t)])ᵀ ā_u[:, t, :] over the samples — no tensor of
+    all directions' patches is formed; the tangents at z_v1 are Σ_t (W_v1 ⊙ s)[·, c(p, t)] ā_u[t].
+    """
+    su, v1 = sites[u], sites[chain[0]]
+    n, q, d_u, o = su.abar.shape[0], su.layout.cols, su.d_out, v1.d_out
+    S = links[chain[0]].reshape(n, -1)  # (N, d_in1): s at each input of v1
+    dT, sT = v1.delta[:, 0].T.contiguous(), S.T.contiguous()  # (o, N), (d_in1, N)
+    col = torch.empty(d_u, su.positions, dtype=torch.long, device=S.device)
+    col[chan, pos] = torch.arange(len(chan), device=S.device)  # c(p, t)
+    X = torch.zeros(d_u, q, o, v1.layout.cols, dtype=S.dtype, device=S.device)
+    every = torch.arange(d_u, device=S.device)
+    for t in range(su.positions):
+        c = col[:, t]
+        left = (dT[:, None] * sT[c][None]).reshape(o * d_u, n)  # ((o, p), N), row-major
+        X[every, :, :, c] = (left @ su.abar[:, t, :]).view(o, d_u, q).permute(1, 2, 0)
+    out = {v1.name: X.reshape(d_u * q, -1)} if v1.name in targets else {}
+    if len(chain) > 1:  # dz[(p, j), n, o2] = Σ_t W[o2, c(p,t)] s[n, c(p,t)] ā_u[n, t, j]
+        K = v1.weight[:, col].permute(1, 0, 2)[None] * S[:, col][:, :, None, :]  # (N, d_u, o2, T_u)
+        dz = (K.reshape(n, d_u * o, -1) @ su.abar).view(n, d_u, o, q).permute(1, 3, 0, 2)
+        for v, Xv in _propagate(sites, links, chain, dz.reshape(d_u * q, n, 1, o), targets).items():
+            out[v] = Xv
+    yield 0, d_u, out
 
 
 def _propagate(sites: dict[str, Site], links: dict[str, Tensor], chain: list[str], dz: Tensor,
