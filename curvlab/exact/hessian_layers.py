@@ -591,33 +591,43 @@ def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
     if v1.positions == 1:  # a single-position layer on u's reshaped output (a classifier head)
         yield from _flat_rows(sites, links, u, chain, targets, chan[0], pos[0])
         return
-    uniform = bool((chan == chan[:1]).logical_or(~valid).all())  # each patch column reads one channel
+    col_chan = torch.where(valid, chan, -1).amax(0)  # a channel each patch column reads (−1: none)
+    uniform = bool(((chan == col_chan) | ~valid).all())  # every column reads one channel only
     S1 = v1.patches(links[chain[0]].reshape(1, -1, *v1.in_shape))[0]  # (N, T1, d_in1): s at each patch entry
     n, T1 = v1.delta.shape[:2]
     q = su.layout.cols
-    dT1 = v1.delta.reshape(n * T1, v1.d_out).T.contiguous()
+    dT1 = v1.delta.permute(2, 1, 0).reshape(v1.d_out, T1 * n)  # (o, (t, n))
+    aT = su.abar.transpose(0, 1).contiguous()  # (T_u, N, q)
     per = n * T1 * q * max(1, v1.d_in // su.d_out)  # entries of Z per channel
     for p0, p1 in _groups(su.d_out, per, 4 * _CHUNK_BYTES // su.abar.element_size() if uniform else 1):
         inside = valid & (chan >= p0) & (chan < p1)
         cols = inside.any(0).nonzero().flatten()
-        # Z[n, t, j, c] = s ⊙ ā_u[n, pos(t, c), j] on the entries of channels p0 … p1 − 1, (N, T1, q, C)
-        gathered = su.abar[:, pos[:, cols].flatten()].view(n, T1, len(cols), q).transpose(2, 3)
-        Z = torch.empty(n, T1, q, len(cols), dtype=S1.dtype, device=S1.device)
-        torch.mul(gathered, (S1[:, :, cols] * inside[:, cols])[:, :, None, :], out=Z)
-        Y = (dT1 @ Z.reshape(n * T1, -1)).view(v1.d_out, q, len(cols))  # Ψ rows of v1 for the group
+        # Z[c, t, n, j] = s ⊙ ā_u[n, pos(t, c), j] on the entries of channels p0 … p1 − 1, channels outermost
+        Z = aT.index_select(0, pos[:, cols].T.reshape(-1)).view(len(cols), T1, n, q)
+        Z.mul_((S1[:, :, cols] * inside[:, cols]).permute(2, 1, 0)[..., None])
+        Y = torch.matmul(dT1, Z.view(len(cols), T1 * n, q))  # (C, o, q): Ψ rows of v1 for the group
         out: dict[str, list[Tensor]] = {v: [] for v in chain if v in targets}
         for p in range(p0, p1):
-            mine = (chan[:, cols] == p).any(0).nonzero().flatten()
+            here = (chan[:, cols] == p) & valid[:, cols]  # entries (t, c) that read channel p
+            mine = here.any(0).nonzero().flatten()
             if chain[0] in targets:
                 X = torch.zeros(q, v1.d_out, v1.layout.cols, dtype=Z.dtype, device=Z.device)
-                X[:, :, cols[mine]] = Y[:, :, mine].permute(1, 0, 2)
+                X[:, :, cols[mine]] = Y[mine].permute(2, 1, 0)
                 out[chain[0]].append(X.reshape(q, -1))
             if len(chain) > 1:  # the tangents at z_v1 of the directions (p, j): (q, N, T1, d_v1)
-                Zp = Z[..., mine] if uniform else Z
-                dz = (Zp @ v1.weight[:, cols[mine]].T).permute(2, 0, 1, 3)
+                Zp = _take(Z, mine) if uniform else Z * here.T[:, :, None, None]
+                dz = (v1.weight[:, cols[mine] if uniform else cols] @ Zp.view(Zp.shape[0], -1))
+                dz = dz.view(v1.d_out, T1, n, q).permute(3, 2, 1, 0)
                 for v, Xv in _propagate(sites, links, chain, dz, targets).items():
                     out[v].append(Xv)
         yield p0, p1, {v: torch.cat(Xs) for v, Xs in out.items()}
+
+
+def _take(Z: Tensor, idx: Tensor) -> Tensor:
+    """Z[idx] along the first dimension, as a view when ``idx`` is a contiguous range."""
+    if len(idx) and int(idx[-1] - idx[0]) + 1 == len(idx):
+        return Z[int(idx[0]):int(idx[-1]) + 1]
+    return Z[idx]
 
 
 def _flat_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str, chain: list[str], targets: list[str],
@@ -656,7 +666,9 @@ def _propagate(sites: dict[str, Site], links: dict[str, Tensor], chain: list[str
     out = {}
     for prev, v in zip(chain, chain[1:]):
         sp, sv = sites[prev], sites[v]
-        d_input = (links[v][None] * sp.to_z(dz)).reshape(dz.shape[0], -1, *sv.in_shape)
+        d_input = torch.empty(dz.shape[0], *links[v].shape, dtype=dz.dtype, device=dz.device)
+        torch.mul(links[v][None], sp.to_z(dz), out=d_input)  # one pass: the layout change and s ⊙
+        d_input = d_input.view(dz.shape[0], -1, *sv.in_shape)
         da = sv.patches(d_input)  # (c, N, T_v, d_in)
         if v in targets:
             out[v] = _weight_rows(sv, None, da).reshape(dz.shape[0], -1)
