@@ -576,9 +576,10 @@ def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
     (``links``, from :func:`structure`).
 
     The direction (p, j) reaches the patches of the next layer v1 as dā[n,t,i] = s ⊙ ā_u[n, pos(t,i), j]
-    on the entries (t, i) that read channel p of z_u (Z below, gathered once per group of channels),
-    so its Ψ rows are one GEMM δ_v1ᵀ Z for the whole group, and its pre-activation tangent at v1 is
-    Z W_v1ᵀ restricted to channel p's columns; later layers take the tangents densely.
+    on the entries (t, i) that read channel p of z_u (Z below, gathered once per group of channels,
+    patch column outermost and samples × positions innermost), so its Ψ rows are one GEMM Z δ_v1 for
+    the whole group, and its pre-activation tangent at v1 is W_v1 Z on channel p's columns; later
+    layers take the tangents densely.
     """
     names = list(sites)
     chain = names[names.index(u) + 1:]
@@ -596,28 +597,32 @@ def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
     S1 = v1.patches(links[chain[0]].reshape(1, -1, *v1.in_shape))[0]  # (N, T1, d_in1): s at each patch entry
     n, T1 = v1.delta.shape[:2]
     q = su.layout.cols
-    dT1 = v1.delta.permute(2, 1, 0).reshape(v1.d_out, T1 * n)  # (o, (t, n))
-    aT = su.abar.transpose(0, 1).contiguous()  # (T_u, N, q)
+    d1 = v1.delta.reshape(n * T1, v1.d_out)  # ((n, t), o)
+    aQ = su.abar.permute(2, 0, 1).contiguous()  # (q, N, T_u)
     per = n * T1 * q * max(1, v1.d_in // su.d_out)  # entries of Z per channel
     for p0, p1 in _groups(su.d_out, per, 4 * _CHUNK_BYTES // su.abar.element_size() if uniform else 1):
         inside = valid & (chan >= p0) & (chan < p1)
         cols = inside.any(0).nonzero().flatten()
-        # Z[c, t, n, j] = s ⊙ ā_u[n, pos(t, c), j] on the entries of channels p0 … p1 − 1, channels outermost
-        Z = aT.index_select(0, pos[:, cols].T.reshape(-1)).view(len(cols), T1, n, q)
-        Z.mul_((S1[:, :, cols] * inside[:, cols]).permute(2, 1, 0)[..., None])
-        Y = torch.matmul(dT1, Z.view(len(cols), T1 * n, q))  # (C, o, q): Ψ rows of v1 for the group
+        # Z[c, j, n, t] = s ⊙ ā_u[n, pos(t, c), j] on the entries of channels p0 … p1 − 1: (C, q, N, T1)
+        patterns, which = torch.unique(pos[:, cols], dim=1, return_inverse=True)  # conv: one per kernel offset
+        G = aQ[:, :, patterns.T].permute(2, 0, 1, 3)  # (patterns, q, N, T1): ā_u at each pattern's positions
+        factor = (S1[:, :, cols] * inside[:, cols]).permute(2, 0, 1).contiguous()  # (C, N, T1)
+        Z = torch.empty(len(cols), q, n, T1, dtype=aQ.dtype, device=aQ.device)
+        for k in range(len(cols)):
+            torch.mul(G[which[k]], factor[k], out=Z[k])
+        Y = (Z.view(-1, n * T1) @ d1).view(len(cols), q, v1.d_out)  # Ψ rows of v1 for the group
         out: dict[str, list[Tensor]] = {v: [] for v in chain if v in targets}
         for p in range(p0, p1):
             here = (chan[:, cols] == p) & valid[:, cols]  # entries (t, c) that read channel p
             mine = here.any(0).nonzero().flatten()
             if chain[0] in targets:
                 X = torch.zeros(q, v1.d_out, v1.layout.cols, dtype=Z.dtype, device=Z.device)
-                X[:, :, cols[mine]] = Y[mine].permute(2, 1, 0)
+                X[:, :, cols[mine]] = Y[mine].permute(1, 2, 0)
                 out[chain[0]].append(X.reshape(q, -1))
             if len(chain) > 1:  # the tangents at z_v1 of the directions (p, j): (q, N, T1, d_v1)
-                Zp = _take(Z, mine) if uniform else Z * here.T[:, :, None, None]
-                dz = (v1.weight[:, cols[mine] if uniform else cols] @ Zp.view(Zp.shape[0], -1))
-                dz = dz.view(v1.d_out, T1, n, q).permute(3, 2, 1, 0)
+                Zp = _take(Z, mine) if uniform else Z * here.T[:, None, None, :]
+                dz = v1.weight[:, cols[mine] if uniform else cols] @ Zp.reshape(Zp.shape[0], -1)
+                dz = dz.view(v1.d_out, q, n, T1).permute(1, 2, 3, 0)
                 for v, Xv in _propagate(sites, links, chain, dz, targets).items():
                     out[v].append(Xv)
         yield p0, p1, {v: torch.cat(Xs) for v, Xs in out.items()}
