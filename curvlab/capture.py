@@ -34,6 +34,7 @@ from torch.func import functional_call, vjp, vmap
 
 from curvlab import memory
 from curvlab.layers import RULES, structured_layers
+from curvlab.linalg.layout import KronLayout
 from curvlab.problem import Problem
 from curvlab.vocabulary import fisher_type
 
@@ -85,13 +86,24 @@ class LayerIO:
     def stop(self) -> int:
         return self.start + self.size
 
+    @property
+    def layout(self) -> KronLayout:
+        """The layer's folded d_out × (d_in + 1) layout [W b] (d_in without a bias) and its θ order."""
+        return KronLayout.of_layer(self.d_out, self.d_in, self.has_bias)
+
     def jacobian_rows(self) -> Tensor:
-        """The explicit per-sample rows v_nk restricted to this layer, shape (k, N, size)."""
+        """The explicit per-sample rows v_nk = Σ_t g_nkt ⊗ ā_nt restricted to this layer, shape (k, N, size).
+
+        ā = [a, 1] (:meth:`KronLayout.augment`); the weight and bias parts are written straight into
+        their ranges in parameter order (:meth:`KronLayout.parts`).
+        """
         k, n = self.g.shape[:2]
-        w = torch.einsum("kntp,nti->knpi", self.g, self.a).reshape(k, n, -1)
-        if self.has_bias:
-            w = torch.cat([w, self.g.sum(dim=2)], dim=2)
-        return w
+        lay = self.layout
+        abar = lay.augment(self.a)
+        out = torch.empty(k, n, self.size, dtype=self.g.dtype, device=self.g.device)
+        for cols, rng in lay.parts():
+            out[:, :, rng].view(k, n, self.d_out, -1).copy_(torch.einsum("kntp,nti->knpi", self.g, abar[..., cols]))
+        return out
 
 
 @dataclass

@@ -12,13 +12,14 @@ in float64 (in float32 the native kernel is faster).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ConvAsGemm", "conv2d_as_gemm"]
+__all__ = ["ConvAsGemm", "conv2d_as_gemm", "gemm_convolutions"]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -58,3 +59,10 @@ class ConvAsGemm(TorchFunctionMode):
                 return conv2d_as_gemm(x, bound["weight"], bound.get("bias"), bound.get("stride", 1),
                                       bound.get("padding", 0), bound.get("dilation", 1))
         return func(*args, **kwargs)
+
+
+def gemm_convolutions(model: torch.nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """:class:`ConvAsGemm` for a float64 model with convolutions (where it is faster), else a no-op."""
+    if dtype == torch.float64 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return ConvAsGemm()
+    return contextlib.nullcontext()

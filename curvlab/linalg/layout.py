@@ -134,22 +134,37 @@ class KronLayout:
         return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
 
     # -------------------------------------------------------------------- blocks between two layers
-    def parts(self) -> Iterator[tuple[slice, slice]]:
-        """(columns of the folded matrix, range in parameter order) of the weight and of the bias."""
-        d = self.in_features
-        yield slice(0, d), slice(0, self.weight_size)
-        if self.bias:
-            yield slice(d, d + 1), slice(self.weight_size, self.size)
+    def _row_range(self, rows: slice | None) -> tuple[int, int]:
+        r0, r1 = (0, self.rows) if rows is None else (rows.start or 0, self.rows if rows.stop is None else rows.stop)
+        if not 0 <= r0 <= r1 <= self.rows:
+            raise ValueError(f"rows {rows!r} outside the layout's {self.rows} output rows")
+        return r0, r1
 
-    def scatter(self, out: Tensor, T: Tensor, other: KronLayout) -> None:
-        """Write a block T between this layer (rows) and ``other`` (columns) into ``out``.
+    def parts(self, rows: slice | None = None) -> Iterator[tuple[slice, slice]]:
+        """(columns of the folded matrix, range in parameter order) of the weight and of the bias.
+
+        With ``rows`` = slice(r0, r1), the ranges are those of the folded rows r0 … r1 − 1 only:
+        weight entries [r0·d, r1·d) and bias entries [p·d + r0, p·d + r1).
+        """
+        d = self.in_features
+        r0, r1 = self._row_range(rows)
+        yield slice(0, d), slice(r0 * d, r1 * d)
+        if self.bias:
+            yield slice(d, d + 1), slice(self.weight_size + r0, self.weight_size + r1)
+
+    def scatter(self, out: Tensor, T: Tensor, other: KronLayout, rows: slice | None = None,
+                accumulate: bool = False) -> None:
+        """Write (or, with ``accumulate``, add) a block T between this layer (rows) and ``other``.
 
         ``T`` is in folded order on both sides, viewable as (p, q, p', q'); ``out`` is the
-        (p·q, p'·q') block in parameter order. Written part by part through strided views: no
-        permuted copy of T is formed.
+        (p·q, p'·q') block in parameter order. With ``rows`` = slice(r0, r1), ``T`` holds only the
+        folded rows r0 … r1 − 1, viewable as (r1 − r0, q, p', q'), and only their entries of ``out``
+        are written. Written part by part through strided views: no permuted copy of T is formed.
         """
-        T4 = T.view(self.rows, self.cols, other.rows, other.cols)
-        for rsel, rrange in self.parts():
+        r0, r1 = self._row_range(rows)
+        T4 = T.view(r1 - r0, self.cols, other.rows, other.cols)
+        for rsel, rrange in self.parts(rows):
             for csel, crange in other.parts():
                 src = T4[:, rsel, :, csel]
-                out[rrange, crange].view(src.shape).copy_(src)
+                dst = out[rrange, crange].view(src.shape)
+                dst.add_(src) if accumulate else dst.copy_(src)
