@@ -841,6 +841,7 @@ def _run(s: _Setup, plan: _Plan, bar: _Progress, skip_unavailable: bool) -> xr.D
         if method is not None:
             builds.prepare(name, names[i + 1:])
             rows[name], xs[name] = _method_tables(s, name, method, refs, ggn, g, loss0, bar)
+        method = None  # nothing here keeps it alive past its release
         builds.release(names[i + 1:])
     s.order = [m for m in names if m in rows]
     if not s.order:
