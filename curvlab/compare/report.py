@@ -354,11 +354,29 @@ def _footprint(s: _Setup, entry: str | None) -> tuple[int, int]:
         return (sum(n * n for n in sizes) + blocks) * item, 3 * big * big * item
     if st in ("full", "operator", "block"):
         cached = sum(n * n for n in sizes if n <= DENSE_EIGH_LIMIT or 3 * s.k >= n)  # eigh for the top-k
-        # the matrix, its Cholesky factor of the last damping, a cached eigh; LAPACK's workspace while decomposed
-        return (2 * sum(n * n for n in sizes) + cached) * item, 2 * big * big * item
+        # the matrix, its factor of the last damping, a cached eigh; while factorised: the shifted copy, a failed
+        # Cholesky and the LU of an indefinite matrix (or LAPACK's eigh workspace)
+        return (2 * sum(n * n for n in sizes) + cached) * item, 3 * big * big * item
     if st == "diag":
         return s.P * item, 0
     return 0, 0  # Kronecker factors (layer-sized), directions
+
+
+def _kind_of(entry: str | None) -> str:
+    """"low" for an entry held through factors, "dense" for one whose Frobenius products with those take P
+    products (a dense twin is built for them, see ``_Builds.twin``), else ""."""
+    st = _methods.REGISTRY[entry].structure if entry else ""
+    return "low" if st in ("low_rank", "block_low_rank") else \
+        "dense" if st in ("full", "block", "spectral", "block_spectral", "operator") else ""
+
+
+def _twin_bytes(s: _Setup, entries: Mapping[str, str | None], m: str) -> int:
+    """The transient dense twin of a low-rank matrix compared with a dense one while method m is processed."""
+    kinds = {_kind_of(entries[a]) for a in s.anchors}
+    mine = _kind_of(entries[m])
+    if (mine == "dense" and "low" in kinds) or (mine == "low" and "dense" in kinds):
+        return memory.nbytes((s.P, s.P), s.prob.dtype)
+    return 0
 
 
 def _needed_later(s: _Setup, entries: Mapping[str, str | None], pending: Sequence[str]) -> set[str]:
@@ -379,7 +397,7 @@ def _peak(s: _Setup, entries: Mapping[str, str | None]) -> tuple[int, dict[str, 
     alive = set(anchors)
     for i, m in enumerate(s.order):
         alive.add(m)
-        peak = max(peak, sum(foot[n][0] for n in alive) + foot[m][1])
+        peak = max(peak, sum(foot[n][0] for n in alive) + foot[m][1] + _twin_bytes(s, entries, m))
         alive = set(anchors) | (alive & _needed_later(s, entries, s.order[i + 1:]))
     return peak, {n: held + extra for n, (held, extra) in foot.items()}
 
@@ -416,6 +434,12 @@ def _size(b: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------- building
+#: representations held through factors (Woodbury, Gram spectra)
+_LOW_RANK_REPS = ("low_rank", "block_low_rank")
+#: representations whose Frobenius products with a low-rank matrix take P products (no structural shortcut)
+_DENSE_LIKE = ("dense", "block", "spectral", "block_spectral", "operator")
+
+
 def _representation(obj: Any) -> str:
     """What a built method is: its matrix's structure (``low_rank``, ``block_low_rank`` …) or ``vector``."""
     if not isinstance(obj, CurvatureMatrix):
@@ -480,6 +504,32 @@ class _Builds:
         if isinstance(obj, CurvatureMatrix) and ({name, self.plan.entries.get(name)} & wanted):
             for b in obj.blocks:
                 b.eigh()
+
+    def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
+        """The operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
+        low-rank is replaced by its dense twin when the other one is dense (see :meth:`twin`)."""
+        low, dense = _LOW_RANK_REPS, _DENSE_LIKE
+        if self.representation.get(name) in low and self.representation.get(ref) in dense:
+            return self.twin(name) or C, B
+        if self.representation.get(ref) in low and self.representation.get(name) in dense:
+            return C, self.twin(ref) or B
+        return C, B
+
+    def twin(self, name: str) -> CurvatureMatrix | None:
+        """The oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
+
+        Against a dense matrix, ⟨A, s·UᵀU⟩ goes through products with the r rows of U: 2·P²·r flops
+        (r = N·C), while the oracle builds the dense GGN at its floor 2·N·P², so the comparisons are
+        cheaper with the dense form; the spectra and solves keep the low-rank one.
+        """
+        entry = self.plan.entries.get(name) or ""
+        dense = entry.removesuffix("-low-rank")
+        if dense == entry or dense not in _methods.REGISTRY:
+            return None
+        sizes = [self.s.P] if _methods.REGISTRY[dense].structure == "full" else self.s.prob.partition.sizes
+        if memory.nbytes((max(sizes), max(sizes)), self.s.prob.dtype) > memory.get_budget():
+            return None
+        return _methods.build(dense, self.s.prob, {}, mc_samples=self.s.mc_samples, seed=self.s.seed)
 
     def release(self, pending: Sequence[str]) -> None:
         """Drop every built matrix that is not an anchor and that no pending method reads."""
@@ -598,7 +648,8 @@ def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[
     return out
 
 
-def _agreement_table(s: _Setup, C: CurvatureMatrix | None, refs: _References) -> xr.Dataset:
+def _agreement_table(s: _Setup, name: str, C: CurvatureMatrix | None, refs: _References,
+                     builds: _Builds) -> xr.Dataset:
     """cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
     top_ratio (reference, top); wasserstein_log (reference, damping)."""
     out = {"cosine": s.empty("reference", "block"), "relative_error": s.empty("reference", "block"),
@@ -608,8 +659,10 @@ def _agreement_table(s: _Setup, C: CurvatureMatrix | None, refs: _References) ->
         return xr.Dataset(out)
     for r, B in refs.mats.items():
         at = {"reference": r}
-        out["cosine"].loc[at] = _blockwise_values(cosine(C, B, blocks=s.block_spec), s.block_names)
-        out["relative_error"].loc[at] = _relative_errors(s, C, B)
+        A_, B_ = builds.frobenius_pair(name, C, r, B)
+        out["cosine"].loc[at] = _blockwise_values(cosine(A_, B_, blocks=s.block_spec), s.block_names)
+        out["relative_error"].loc[at] = _relative_errors(s, A_, B_)
+        del A_, B_
         sp = spectra(C, B, k=s.k, full=s.full_spectrum)
         out["wasserstein"].loc[at] = sp.wasserstein
         out["subspace_overlap"].loc[at] = sp.overlap
@@ -699,13 +752,14 @@ def _step_quality_table(s: _Setup, name: str, xs: Mapping[float, Tensor], refs: 
 
 
 def _method_tables(s: _Setup, name: str, method: Any, refs: _References, ggn: CurvatureMatrix | None,
-                   g: Tensor, loss0: float, bar: _Progress) -> tuple[xr.Dataset, dict[float, Tensor]]:
+                   g: Tensor, loss0: float, builds: _Builds) -> tuple[xr.Dataset, dict[float, Tensor]]:
     """Every per-method table of one method, merged (no ``method`` dimension yet), and its directions."""
     C = method if isinstance(method, CurvatureMatrix) else None
+    bar = builds.bar
     bar.stage(f"spectrum of {name}")
     tables = [_spectrum_table(s, C, ggn)]
     bar.stage(f"{name} vs {', '.join(s.refs)}")
-    tables.append(_agreement_table(s, C, refs))
+    tables.append(_agreement_table(s, name, C, refs, builds))
     bar.stage(f"{name}: trace ratios, logdets and directions")
     damped, xs = _damped_table(s, name, method, refs, g)
     tables.append(damped)
@@ -840,7 +894,7 @@ def _run(s: _Setup, plan: _Plan, bar: _Progress, skip_unavailable: bool) -> xr.D
         method = builds.get(name)
         if method is not None:
             builds.prepare(name, names[i + 1:])
-            rows[name], xs[name] = _method_tables(s, name, method, refs, ggn, g, loss0, bar)
+            rows[name], xs[name] = _method_tables(s, name, method, refs, ggn, g, loss0, builds)
         method = None  # nothing here keeps it alive past its release
         builds.release(names[i + 1:])
     s.order = [m for m in names if m in rows]

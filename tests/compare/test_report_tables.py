@@ -275,3 +275,22 @@ def test_low_rank_names_build_low_rank_matrices(small_prob):
     buf = io.StringIO()
     print(REPORT_METHODS, file=buf)  # the shared report's methods include the ladder and a Hessian
     assert "hessian" in buf.getvalue()
+
+
+def test_dense_partners_are_compared_with_the_dense_twin(small_prob, monkeypatch):
+    """A low-rank GGN against the dense Hessian: the Frobenius products use the oracle's dense GGN
+    (built at 2NP² flops), not 2P²r flops through the factor; the spectra keep the low-rank form."""
+    inner = LowRank._inner
+
+    def guarded(self, other):
+        assert not isinstance(other, Dense), "a low-rank matrix was multiplied through a dense one"
+        return inner(self, other)
+
+    monkeypatch.setattr(LowRank, "_inner", guarded)
+    ds = cc.report(small_prob, methods=["hessian", "ggn"], references=["ggn", "hessian"], damping=[0.1], k=2)
+    assert list(ds.representation.values) == ["dense", "low_rank"]
+    H, G = cl.exact.hessian(small_prob), cl.exact.ggn(small_prob)
+    assert float(ds["cosine"].sel({"method": "hessian", "reference": "ggn", "block": "all"})) == \
+        pytest.approx(float(cc.cosine(H, G)), rel=1e-12)
+    assert float(ds["relative_error"].sel({"method": "ggn", "reference": "hessian", "block": "all"})) == \
+        pytest.approx(float(cc.relative_error(G, H)), rel=1e-12)
