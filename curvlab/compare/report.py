@@ -264,10 +264,10 @@ class _Setup:
 
     def empty(self, *dims: str) -> xr.DataArray:
         """A NaN array with the named dimensions and their coordinates, to be filled by label."""
-        values = {"reference": self.refs, "block": self.block_names, "damping": self.dampings,
-                  "top": list(range(1, self.k + 1)), "factor": ["A", "G"], "eig": list(range(self.P)),
-                  "method": self.order, "versus": self.order}
-        coords = {d: values[d] for d in dims}
+        values = {"reference": lambda: self.refs, "block": lambda: self.block_names, "damping": lambda: self.dampings,
+                  "top": lambda: np.arange(1, self.k + 1), "factor": lambda: ["A", "G"],
+                  "eig": lambda: np.arange(self.P), "method": lambda: self.order, "versus": lambda: self.order}
+        coords = {d: values[d]() for d in dims}
         return xr.DataArray(np.full([len(c) for c in coords.values()], math.nan), coords=coords, dims=dims)
 
 
@@ -301,7 +301,7 @@ class _Progress:
             self.bar.close()
 
 
-#: the stages of each method: its build and its tables
+#: the tables of each method, one progress stage each (besides its build)
 _METHOD_STAGES = ("spectrum", "agreement", "damped", "factors", "steps")
 
 
