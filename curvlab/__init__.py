@@ -19,9 +19,10 @@ from curvlab.problem import Block, Partition, Problem
 
 __version__ = "0.1.0"
 
-_LAZY = ("approx", "compare", "problems", "data", "plot", "capture", "losses", "reference", "cli", "optim")
+_LAZY = ("approx", "compare", "problems", "data", "plot", "capture", "losses", "reference", "cli", "optim",
+         "studies")
 #: parts of design.md that later issues build; asking for them says so instead of a bare ImportError
-_PLANNED = {"studies": "the canned-study runner"}
+_PLANNED: dict[str, str] = {}
 
 __all__ = ["Problem", "Block", "Partition", "CurvatureMatrix", "Dense", "BlockDiagonal", "Diagonal",
            "MatrixFree", "exact", "linalg", "memory", "__version__", *_LAZY]

@@ -35,6 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from curvlab import memory
 from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
+from curvlab.vocabulary import fisher_type
 
 __all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
@@ -152,6 +153,7 @@ def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 
       zero outside its position; :meth:`~curvlab.losses.Likelihood.split_positions`) →
       ``empirical_fisher(per="position")`` = R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ
     """
+    fisher = fisher_type(fisher)  # any spelling of curvlab.vocabulary
     if per not in EF_PER:
         raise ValueError(f"unknown per={per!r}: use one of {EF_PER}")
     if per == "position" and fisher != "empirical":

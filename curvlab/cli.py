@@ -4,7 +4,10 @@
     curvlab methods                       the method names compare accepts: what each is, structure, damping
     curvlab oracle NAME [--n N] ...       a problem's exact curvature: traces, top eigenvalues, timings
     curvlab compare NAME [--methods ...]  agreement report (netCDF + figures under data/results/)
-    curvlab plot FILE.nc                  redraw a saved report's figures beside it
+    curvlab plot FILE.nc                  redraw a saved report's (or study's) figures beside it
+    curvlab studies [NAME]                the canned studies (NAME: its configuration and claims)
+    curvlab run NAME [--quick] [--set k=v] [--dask ADDR|local] [--processes N] [--restart] [--out DIR]
+                                          run a study (resumable; netCDF, figures, verdict table)
 
 Adding a subcommand: write ``_configure_x(parser)`` (its arguments; :func:`add_problem_arguments`
 gives the usual NAME/--n/--seed/--dtype) and ``_run_x(args) -> int`` (prints to stdout, returns the
@@ -410,6 +413,152 @@ def _check_writable(out: Any) -> None:
         raise UsageError(f"--out: cannot write into {out.parent}: {exc}") from None
 
 
+# ---------------------------------------------------------------------------- curvlab studies
+def _configure_studies(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", nargs="?", default=None,
+                        help="show one study in full: its configuration (the keys --set accepts), quick "
+                        "overrides and claims")
+
+
+def _run_studies(args: argparse.Namespace) -> int:
+    from curvlab import studies
+
+    if args.name is not None:
+        print(_describe_study(studies.get(args.name)))
+        return 0
+    rows = [[s.name, s.paper, s.description, ", ".join(c.id for c in s.claims)]
+            for s in (studies.get(n) for n in studies.names())]
+    print(format_table(["name", "paper", "description", "claims"], rows, right=[False] * 4))
+    if not rows:
+        print("(no studies registered)")
+    return 0
+
+
+def _describe_study(study: Any) -> str:
+    """A study's configuration, quick overrides and claims, as ``curvlab studies NAME`` prints them."""
+    import json
+
+    lines = [f"{study.name}: {study.description}", f"paper: {study.paper}", "",
+             "configuration (curvlab run NAME --set KEY=VALUE; --quick applies the second column):"]
+    rows = [[k, json.dumps(v), json.dumps(study.quick[k]) if k in study.quick else ""]
+            for k, v in study.config.items()]
+    lines.append(format_table(["key", "full run", "--quick"], rows, right=[False] * 3))
+    if study.claims:
+        lines += ["", format_table(["claim", "statement", "criterion"],
+                                   [[c.id, c.statement, c.criterion] for c in study.claims], right=[False] * 3)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- curvlab run
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="a canned study (see `curvlab studies`)")
+    parser.add_argument("--quick", action="store_true", help="the study's small grid (NAME-quick.nc)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="replace a configuration value (repeatable): JSON where it parses (1e-3, [1, 2], "
+                        "true), a,b,c a list, else a string; `curvlab studies NAME` lists the keys")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--dask", metavar="ADDR|local", default=None, type=_dask_address,
+                       help="run the cells on Dask: a scheduler address (tcp://host:8786) or local (a LocalCluster)")
+    where.add_argument("--processes", type=_int_at_least(1), metavar="N", default=None,
+                       help="run the cells in N worker processes")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the finished cells of an earlier run in the same folder and start over")
+    parser.add_argument("--out", metavar="DIR", default=None, help="results folder (default data/results)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _dask_address(text: str) -> str:
+    """An argparse type: ``local`` or a scheduler address ``[scheme://]host[:port]``."""
+    import re
+
+    if text == "local" or re.fullmatch(r"([a-z][a-z0-9+.-]*://)?[^\s:/]+(:\d+)?/?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected local or a scheduler address such as tcp://host:8786; got {text!r}")
+
+
+def _setting_value(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        if "," in text:
+            return [_setting_value(t.strip()) for t in text.split(",") if t.strip()]
+        return text
+
+
+def _parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as overrides (values parsed by :func:`_setting_value`)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set: expected KEY=VALUE; got {item!r}")
+        overrides[key.strip()] = _setting_value(value.strip())
+    return overrides
+
+
+def _executor_of(args: argparse.Namespace) -> str | None:
+    if args.processes is not None:
+        return f"processes:{args.processes}"
+    if args.dask is None:
+        return None
+    if args.dask == "local":
+        return "dask"
+    return args.dask if "://" in args.dask else f"tcp://{args.dask}"
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from curvlab import studies
+    from curvlab.studies import runner
+    from curvlab.studies.study import BadOverride
+
+    try:
+        prepared = studies.prepare(args.name, quick=args.quick, out=args.out, **_parse_settings(args.settings))
+    except BadOverride as exc:
+        raise UsageError(f"--set: {exc}") from None
+    _check_writable(prepared.path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runner.CellFailedWarning)  # listed below, one line per cell
+        try:
+            ds = runner.execute(prepared, executor=_executor_of(args), restart=args.restart,
+                                progress=False if args.quiet else None)
+        except ModuleNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        except runner.StudyFailed as exc:
+            print(f"curvlab run: error: {exc}", file=sys.stderr)
+            return 1
+    print(studies.format_verdicts(ds))
+    print(f"\nwrote {prepared.path}")
+    for fig in prepared.figure_paths:
+        print(f"wrote {fig}")
+    failures = studies.failed_cells(ds)
+    for f in failures:
+        print(f"curvlab run: failed cell {f['cell']}: {f['error']}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _plot_study(path: Any, dpi: int) -> int | None:
+    """Redraw a study's figures when ``path`` is a study's Dataset (``attrs["study"]``); None otherwise."""
+    from curvlab import studies
+
+    try:
+        ds = studies.load(path) if path.is_file() else None
+    except (OSError, ValueError, TypeError, KeyError):
+        ds = None
+    if ds is None or "study" not in ds.attrs:
+        return None
+    try:
+        written = studies.save_figures(ds, path.with_suffix(""), dpi=dpi)
+    except OSError as exc:
+        raise UsageError(f"cannot write the figures beside {path}: {exc}") from None
+    if not written:
+        raise UsageError(f"{path}: study {ds.attrs['study']!r} drew no figures")
+    for fig in written:
+        print(f"wrote {fig}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- curvlab plot
 def _configure_plot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE.nc", help="a report written by `curvlab compare`")
@@ -446,6 +595,8 @@ def _run_plot(args: argparse.Namespace) -> int:
     from curvlab import plot
 
     path = Path(args.file)
+    if (status := _plot_study(path, args.dpi)) is not None:  # a study's Dataset: its own figures
+        return status
     ds = _load_report(path)
     try:
         written = plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi)
@@ -469,6 +620,10 @@ COMMANDS: list[Command] = [
     Command("compare", "agreement report: KFAC family vs exact curvature (matrices, spectra, directions)",
             _configure_compare, _run_compare),
     Command("plot", "draw the figures of a saved report (PNGs beside FILE.nc)", _configure_plot, _run_plot),
+    Command("studies", "list the canned studies (NAME: one study's configuration and claims)", _configure_studies,
+            _run_studies),
+    Command("run", "run a canned study: resumable, on processes or Dask; netCDF, figures and verdicts",
+            _configure_run, _run_run),
 ]
 
 

@@ -1,6 +1,6 @@
 """What is measured: a model, a loss and a data set, with one fixed flattening of the parameters.
 
-Conventions (``shared/design.md``): the parameter vector θ ∈ R^P is the concatenation of the
+Conventions (``docs/conventions.md``): the parameter vector θ ∈ R^P is the concatenation of the
 trainable tensors of ``model.named_parameters()`` in that order, each flattened row-major. The
 model is never mutated: every evaluation goes through ``torch.func.functional_call`` with the
 parameters given explicitly, so a Problem can be evaluated at any θ.

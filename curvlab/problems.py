@@ -54,6 +54,12 @@ def _mlp(widths: list[int], activation: type[nn.Module] | None) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+def _relu_autoencoder() -> nn.Sequential:
+    """64-32-16-8-16-32-64, ReLU hidden layers, a linear 8-unit code layer (the K-BFGS papers' design)."""
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8),
+                         nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 64))
+
+
 def _cnn() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
@@ -106,6 +112,16 @@ REGISTRY: dict[str, Spec] = {
         dataset="digits", loss=nn.BCEWithLogitsLoss,
         model=lambda: _mlp([64, 32, 8, 32, 64], nn.Sigmoid), data=_digits_reconstruction,
         architecture="64-32-8-32-64, sigmoid hidden, linear output"),
+    "digits-autoencoder-relu": Spec(
+        description="deeper ReLU autoencoder of digit pixels in [0, 1] (the K-BFGS and two-level KFAC studies)",
+        dataset="digits", loss=nn.BCEWithLogitsLoss,
+        model=_relu_autoencoder, data=_digits_reconstruction,
+        architecture="64-32-16-8-16-32-64, relu hidden, linear code and output"),
+    "digits-mlp-deep": Spec(
+        description="four-layer MLP classifier on standardised digits (L = 4 layers)",
+        dataset="digits", loss=nn.CrossEntropyLoss,
+        model=lambda: _mlp([64, 32, 32, 32, 10], nn.Tanh), data=_digits_standardized,
+        architecture="64-32-32-32-10, tanh"),
     "digits-cnn": Spec(
         description="small CNN classifier on 8x8 digit images",
         dataset="digits", loss=nn.CrossEntropyLoss,

@@ -186,6 +186,16 @@ def _bad_options(tmp: str) -> list[tuple[list[str], str]]:
         (["plot", f"{tmp}/other.nc", "--dpi", "high"], "argument --dpi: invalid int value: 'high'"),
         (["plot"], "required"),
     ]
+    from tests.studies import toy_study  # noqa: F401  (registers the study "toy" that the run cases name)
+
+    cases += [
+        (["studies", "nope"], "unknown study 'nope'"), (["run", "nope"], "unknown study 'nope'"),
+        (["run", "toy", "--set", "nope=1"], "--set: unknown configuration key 'nope'"),
+        (["run", "toy", "--set", "points=x"], "--set: points: expected an integer"),
+        (["run", "toy", "--dask", "host:port"], "argument --dask: expected local or a scheduler address"),
+        (["run", "toy", "--processes", "0"], "argument --processes: must be at least 1; got 0"),
+        (["run", "toy", "--out", f"{tmp}/file"], "out must be a folder"),
+    ]
     return cases
 
 

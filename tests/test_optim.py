@@ -268,3 +268,13 @@ def test_ng_trains_digits_mlp(method):
     ds = optim.train(prob, method, steps=50, batch_size=64, seed=0, progress=False)  # the defaults
     loss = ds["loss"].values
     assert bool(torch.isfinite(torch.as_tensor(loss)).all()) and loss[-1] < 0.9 * loss[0]
+
+
+@pytest.mark.parametrize("method", ["kfac", "foof", "ekfac"])
+def test_float32_kronecker_methods_take_their_default_damping(method):
+    """Regression: a singularity tolerance of size·ε·scale refused KFAC's λ = 1e-2 in float32 (a damped
+    eigenvalue of exactly λ); √size·ε·scale accepts it and still refuses singular systems."""
+    prob = cl.problems.load("digits-cnn", n=128, dtype=torch.float32)
+    ds = optim.train(prob, method, steps=12, batch_size=128, progress=False,
+                     **({"inverse_period": 1, "ema_decay": 0.0} if method == "ekfac" else {}))
+    assert bool(torch.isfinite(torch.as_tensor(ds["loss"].values)).all())

@@ -17,13 +17,17 @@ EXPECTED_P = {
     "digits-mlp-wide": (64 * 64 + 64) + (64 * 64 + 64) + (64 * 10 + 10),         # 8970
     "digits-mlp-1m": (64 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 10 + 10),  # 1126410
     "digits-autoencoder": (64 * 32 + 32) + (32 * 8 + 8) + (8 * 32 + 32) + (32 * 64 + 64),  # 4744
+    "digits-autoencoder-relu": (64 * 32 + 32) + (32 * 16 + 16) + (16 * 8 + 8) + (8 * 16 + 16) + (16 * 32 + 32)
+    + (32 * 64 + 64),                                                            # 5544
+    "digits-mlp-deep": (64 * 32 + 32) + 2 * (32 * 32 + 32) + (32 * 10 + 10),     # 4522
     "digits-cnn": (1 * 8 * 9 + 8) + (8 * 8 * 9 + 8) + (512 * 10 + 10),           # 5794
     "deep-linear": (64 * 16 + 16) + (16 * 16 + 16) + (16 * 10 + 10),             # 1482
     "diabetes-mlp": (10 * 16 + 16) + (16 * 1 + 1),                                # 193
 }
 LOSSES = {"digits-mlp": nn.CrossEntropyLoss, "digits-mlp-wide": nn.CrossEntropyLoss,
           "digits-mlp-1m": nn.CrossEntropyLoss,
-          "digits-autoencoder": nn.BCEWithLogitsLoss, "digits-cnn": nn.CrossEntropyLoss,
+          "digits-autoencoder": nn.BCEWithLogitsLoss, "digits-autoencoder-relu": nn.BCEWithLogitsLoss,
+          "digits-mlp-deep": nn.CrossEntropyLoss, "digits-cnn": nn.CrossEntropyLoss,
           "deep-linear": nn.MSELoss, "diabetes-mlp": nn.MSELoss}
 
 

@@ -17,7 +17,8 @@ function        block (per nn.Linear / nn.Conv2d)                      own dampi
 ==============  =====================================================  ===========================
 
 Every function takes the same options, ``f(prob, fisher, mc_samples, seed, approx, unsupported)``:
-``fisher`` ∈ {"type2", "mc", "empirical"} chooses the curvature being approximated (the GGN / true
+``fisher`` ∈ {"ggn", "fisher_mc", "empirical_fisher"} (also "type2", "mc", "empirical": see
+:mod:`curvlab.vocabulary`) chooses the curvature being approximated (the GGN / true
 Fisher, its Monte-Carlo estimate with ``mc_samples`` labels per input drawn with ``seed``, the
 empirical Fisher; FOOF has no output factor and takes only ``None``); ``approx`` ∈ {"expand",
 "reduce"} the treatment of weight sharing (KFOC: only the split between its factors);
@@ -51,8 +52,10 @@ from curvlab.approx.kbfgs import (
 from curvlab.approx.kfac import kfac
 from curvlab.approx.kfoc import kfoc
 from curvlab.approx.tkfac import tekfac, tkfac
+from curvlab.approx.two_level import COARSE_SPACES, TwoLevel, two_level_kfac
 
 __all__ = ["kfac", "ekfac", "tkfac", "tekfac", "foof", "kfoc", "Approximation", "MODES", "FISHER_TYPES",
            "APPROXIMATIONS", "grouped_newton", "GroupedSummary", "LearningRates", "cubic_learning_rates",
+           "two_level_kfac", "TwoLevel", "COARSE_SPACES",
            "KBFGS", "KBFGSLayerState", "KBFGSStatistics", "LBFGSMemory", "kbfgs_statistics",
            "bfgs_inverse_update", "powell_damping", "lm_damping", "double_damping", "bfgs_skip_reason"]

@@ -71,6 +71,10 @@ class Approximation(BlockDiagonal):
         """``"own"`` is the method's own rule (:attr:`own_mode`); other modes as the blocks define them."""
         return super().resolve_mode(self.own_mode if mode == "own" else mode)
 
+    def _scaled(self, alpha: float) -> CurvatureMatrix:
+        return Approximation([b._scaled(alpha) for b in self.blocks], self.block_names, self.method,
+                             self._structure, self.own_mode, self.options, self.info)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"Approximation({self.method}, P={self.size}, blocks={len(self.blocks)}, "

@@ -20,7 +20,7 @@ the same samples and seed, ``empirical_fisher``) is
     F = Σ_n Σ_k vec(V_nk) vec(V_nk)ᵀ,   V_nk = Σ_t g_nkt a_ntᵀ  (the per-sample weight gradient).
 
 KFAC's factors (Martens & Grosse 2015; weight sharing: Eschenhagen et al. 2023) in curvlab's scale,
-which is curvlinops' (``shared/reference/peer-benchmarks.md``, "Scale conventions"):
+which is curvlinops' (Dangel et al.; checked entry by entry in tests/approx/test_curvlinops.py):
 
 * ``approx="expand"`` (positions are extra samples):
   A = 1/(N·T) Σ_{n,t} a_nt a_ntᵀ,   G = Σ_{n,k,t} g_nkt g_nktᵀ;
@@ -48,6 +48,7 @@ from curvlab.exact.outer import block_from_capture
 from curvlab.layers import survey
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Block, Partition, Problem
+from curvlab.vocabulary import fisher_type
 
 __all__ = ["FISHER_TYPES", "APPROXIMATIONS", "UNSUPPORTED", "KronPiece", "BlockPlan", "Collection",
            "collect", "check_options"]
@@ -245,8 +246,12 @@ def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact
 
 def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
     """The options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
-    if fisher is not None and fisher not in FISHER_TYPES:
-        raise ValueError(f"unknown fisher type {fisher!r}: use one of {FISHER_TYPES}")
+    if fisher is not None:
+        try:
+            fisher_type(fisher)
+        except ValueError:
+            raise ValueError(f"unknown fisher type {fisher!r}: use 'ggn', 'fisher_mc' or 'empirical_fisher' (or "
+                             f"the older spellings {FISHER_TYPES})") from None
     if not isinstance(mc_samples, Integral) or isinstance(mc_samples, bool) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
     if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
@@ -268,6 +273,7 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     check_options(fisher, mc_samples, seed, approx, unsupported)
+    fisher = None if fisher is None else fisher_type(fisher)  # the capture engine's name of the Fisher type
     mc_samples, seed = int(mc_samples), int(seed)
     if fisher is None:
         if unsupported == "exact":

@@ -6,7 +6,7 @@ that realises these changes best in least squares,
 
     min_ΔW Σ_n ‖ΔW a_n − Δz_n‖² + λ′‖ΔW‖²   ⇒   ΔW = −η ∇W (A + λI)⁻¹,
 
-with A = 1/N Σ a aᵀ the KFAC input factor and λ = λ′/N (papers.md §1.2). The preconditioner is
+with A = 1/N Σ a aᵀ the KFAC input factor and λ = λ′/N. The preconditioner is
 (A + λI) ⊗ I — KFAC with G replaced by the identity — so FOOF needs no backward statistics: one
 forward pass collects A. The matrix is ``Kron(A, I)`` (``structure="forward_only"``), and its exact
 damped solve (I⊗A + λI)⁻¹ = I ⊗ (A + λI)⁻¹ *is* FOOF's update, ΔW = ∇W (A + λI)⁻¹ (own mode
@@ -15,11 +15,9 @@ damped solve (I⊗A + λI)⁻¹ = I ⊗ (A + λI)⁻¹ *is* FOOF's update, ΔW =
 
 from __future__ import annotations
 
-import torch
-
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
-from curvlab.approx.factors import KronPiece, collect
-from curvlab.linalg.kron import Kron
+from curvlab.approx.factors import collect
+from curvlab.approx.statistics import FAMILIES, one_batch
 from curvlab.problem import Problem
 
 __all__ = ["foof"]
@@ -54,11 +52,5 @@ def foof(prob: Problem, fisher: str | None = None, mc_samples: int = 1, seed: in
         raise ValueError(f"foof uses no Fisher (no output factor: its matrix is A ⊗ I); got fisher={fisher!r}, "
                          "leave it None")
     col = collect(prob, None, mc_samples, seed, approx=approx, unsupported=unsupported, method="foof")
-
-    def build(p: KronPiece) -> tuple[Kron, dict]:
-        A = p.input_factor(approx)
-        eye = torch.eye(p.d_out, dtype=A.dtype, device=A.device)
-        return Kron(A, eye, bias=p.folded), {}
-
-    return assemble(col, build, "foof", "forward_only", OWN_MODES["foof"],
+    return assemble(col, one_batch("foof", approx), "foof", FAMILIES["foof"].structure, OWN_MODES["foof"],
                     {"approx": approx, "unsupported": unsupported})

@@ -16,16 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
-from curvlab.approx.factors import Collection, KronPiece, collect
-from curvlab.linalg.kron import Kron
+from curvlab.approx.factors import Collection, collect
+from curvlab.approx.statistics import FAMILIES, one_batch
 from curvlab.problem import Problem
 
-__all__ = ["kfac", "kron_block"]
-
-
-def kron_block(piece: KronPiece, approx: str) -> Kron:
-    """A piece's KFAC block A ⊗ G (bias folded into A when the piece holds weight and bias)."""
-    return Kron(piece.input_factor(approx), piece.output_factor(approx), bias=piece.folded)
+__all__ = ["kfac"]
 
 
 def _options(col: Collection, mc_samples: int, seed: int, unsupported: str) -> dict[str, Any]:
@@ -45,10 +40,11 @@ def kfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
         the problem; every trainable parameter must belong to an ``nn.Linear`` or ``nn.Conv2d``
         (groups=1) applied once per forward pass, unless ``unsupported="exact"``.
     fisher:
-        ``"type2"``: G from the columns of a symmetric factor of the loss Hessian (the exact
-        expectation over the model's predictive distribution; one backward pass per column, all
-        batched); ``"mc"``: from ``mc_samples`` labels sampled from the model (``seed``);
-        ``"empirical"``: from the data labels.
+        the curvature approximated (``curvlab.vocabulary``): ``"ggn"`` (also ``"type2"``): G from the
+        columns of a symmetric factor of the loss Hessian (the exact expectation over the model's
+        predictive distribution; one backward pass per column, all batched); ``"fisher_mc"`` (``"mc"``):
+        from ``mc_samples`` labels sampled from the model (``seed``); ``"empirical_fisher"``
+        (``"empirical"``, ``"ef"``): from the data labels.
     approx:
         weight sharing (inputs with extra dimensions, convolution patches): ``"expand"`` treats
         the T positions as extra samples, A = 1/(NT) Σ a aᵀ, G = Σ_{n,t} g gᵀ; ``"reduce"`` pools
@@ -62,5 +58,5 @@ def kfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 
     (C + λI)⁻¹ is ``mode="exact"``, factored damping ``mode="factored"``.
     """
     col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="kfac")
-    return assemble(col, lambda p: (kron_block(p, approx), {}), "kfac", "kron", OWN_MODES["kfac"],
+    return assemble(col, one_batch("kfac", approx), "kfac", FAMILIES["kfac"].structure, OWN_MODES["kfac"],
                     _options(col, mc_samples, seed, unsupported))

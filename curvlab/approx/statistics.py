@@ -24,9 +24,9 @@ from torch import Tensor
 
 from curvlab.approx.factors import KronPiece
 from curvlab.linalg import CurvatureMatrix, Eigh
-from curvlab.linalg.kron import EigenKron, Kron
+from curvlab.linalg.kron import EigenKron, ForwardOnly, Kron, TraceKron
 
-__all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average"]
+__all__ = ["Family", "FAMILIES", "Basis", "kronecker_basis", "average", "one_batch"]
 
 Stats = dict[str, Tensor]
 #: the Kronecker eigenbasis of a piece: the eigendecompositions of its factors A and G
@@ -61,7 +61,7 @@ def _tkfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
 
 def _tkfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
     c = _trace_factor(s["trace"], s["A"], s["G"])
-    return Kron(s["A"], c * s["G"], bias=p.folded), {"c": c, "trace": float(s["trace"])}
+    return TraceKron(s["A"], s["G"], c, bias=p.folded), {"c": c, "trace": float(s["trace"])}
 
 
 def _eigen_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
@@ -87,8 +87,7 @@ def _foof_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
 
 
 def _foof_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
-    A = s["A"]
-    return Kron(A, torch.eye(p.d_out, dtype=A.dtype, device=A.device), bias=p.folded), {}
+    return ForwardOnly(s["A"], p.d_out, bias=p.folded), {}
 
 
 @dataclass(frozen=True)
@@ -123,3 +122,13 @@ def average(old: Stats | None, new: Stats, decay: float) -> Stats:
     if old is None:
         return dict(new)
     return {k: decay * old[k] + (1.0 - decay) * v for k, v in new.items()}
+
+
+def one_batch(name: str, approx: str) -> Callable[[KronPiece], tuple[CurvatureMatrix, dict]]:
+    """The block builder of method ``name`` on one batch: its statistics of the piece, then its block."""
+    family = FAMILIES[name]
+
+    def build(p: KronPiece) -> tuple[CurvatureMatrix, dict]:
+        return family.block(family.statistics(p, approx, None), p, None)
+
+    return build

@@ -5,14 +5,15 @@
 
     c = tr F / (tr A · tr G),   tr F = Σ_n Σ_k ‖V_nk‖²_F   (per-sample gradient norms),
 
-i.e. δ P ⊗ Q with P = A/tr A, Q = G/tr G and δ = tr F ([abs] + [derived], ``shared/reference/
-papers.md`` §2.2). KFAC is c = 1 (its trace is tr A tr G = E‖a‖²E‖g‖², wrong whenever ‖a‖ and ‖g‖
+i.e. δ P ⊗ Q with P = A/tr A, Q = G/tr G and δ = tr F (the normalisation is not stated in the
+abstract, which is all that could be checked; any split of δ gives the same matrix). KFAC is c = 1
+(its trace is tr A tr G = E‖a‖²E‖g‖², wrong whenever ‖a‖ and ‖g‖
 are correlated across samples). Stored as ``Kron(A, c·G)``. Its own damping (``mode="trace"``) is
 the trace-normalised factored damping δ⁻¹(P + μI)⁻¹ ⊗ (Q + μI)⁻¹ with μ = √(λ/δ) — the natural
 "TKFAC_nor" rule; the paper's conv-specific "new damping" is not public and is not implemented.
 
-**TEKFAC** (provisional). The TEKFAC paper's exact eigenvalue and damping rules are not public
-(papers.md §2.2: NOT FOUND). EKFAC is already trace-exact (Σ S* = tr F), so TEKFAC's difference
+**TEKFAC** (provisional). The TEKFAC paper's exact eigenvalue and damping rules could not be
+checked (only its abstract was available). EKFAC is already trace-exact (Σ S* = tr F), so TEKFAC's difference
 from EKFAC can only lie in its damping. curvlab therefore defines TEKFAC *provisionally* as EKFAC's
 eigenvalues S* in KFAC's eigenbasis with TKFAC's damping: in the eigenbasis
 
@@ -26,21 +27,12 @@ when the paper's rule is known.
 from __future__ import annotations
 
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
-from curvlab.approx.ekfac import eigen_corrected
-from curvlab.approx.factors import KronPiece, collect
+from curvlab.approx.factors import collect
 from curvlab.approx.kfac import _options
-from curvlab.linalg.kron import EigenKron, Kron
+from curvlab.approx.statistics import FAMILIES, one_batch
 from curvlab.problem import Problem
 
 __all__ = ["tkfac", "tekfac"]
-
-
-def _trace_restricted(piece: KronPiece, approx: str) -> tuple[Kron, dict[str, float]]:
-    A, G = piece.input_factor(approx), piece.output_factor(approx)
-    tr_F = float(piece.exact_trace())
-    denom = float(A.diagonal().sum() * G.diagonal().sum())
-    c = tr_F / denom if denom > 0 else 1.0
-    return Kron(A, c * G, bias=piece.folded), {"c": c, "trace": tr_F}
 
 
 def tkfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int = 0, approx: str = "expand",
@@ -51,7 +43,7 @@ def tkfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int =
     Own damping: ``mode="trace"`` (see the module docstring); all Kron modes are available.
     """
     col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="tkfac")
-    return assemble(col, lambda p: _trace_restricted(p, approx), "tkfac", "trace_kron", OWN_MODES["tkfac"],
+    return assemble(col, one_batch("tkfac", approx), "tkfac", FAMILIES["tkfac"].structure, OWN_MODES["tkfac"],
                     _options(col, mc_samples, seed, unsupported))
 
 
@@ -64,11 +56,7 @@ def tekfac(prob: Problem, fisher: str = "type2", mc_samples: int = 1, seed: int 
     λ + √(λ tr F)(p_j + q_i) to S*_ij. Same arguments as :func:`curvlab.approx.kfac`.
     """
     col = collect(prob, fisher, mc_samples, seed, approx, unsupported, method="tekfac")
-
-    def build(p: KronPiece) -> tuple[EigenKron, dict[str, float]]:
-        E, c = eigen_corrected(p, approx, trace_factors=True)
-        return E, {"c": c}
-
     opts = _options(col, mc_samples, seed, unsupported)
     opts["provisional"] = True
-    return assemble(col, build, "tekfac", "eigen_kron", OWN_MODES["tekfac"], opts)
+    return assemble(col, one_batch("tekfac", approx), "tekfac", FAMILIES["tekfac"].structure, OWN_MODES["tekfac"],
+                    opts)

@@ -1,6 +1,6 @@
 """The oracle's public functions: exact Hessian, GGN, Monte-Carlo Fisher and empirical Fisher.
 
-Scale (``shared/design.md``): with L(θ) = R Σ_n ℓ_n,
+Scale (``docs/conventions.md``): with L(θ) = R Σ_n ℓ_n,
 
     hessian           = ∇²L
     ggn               = R Σ_n J_nᵀ ∇²_f ℓ_n J_n            (= the exact Fisher for CE, MSE, BCE)
@@ -26,6 +26,7 @@ from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_fro
 from curvlab.exact.products import hessian_unavailable, operator
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
+from curvlab.vocabulary import Curvature, curvature, mc_samples_of
 
 __all__ = ["hessian", "ggn", "fisher_mc", "empirical_fisher", "STRUCTURES", "KINDS"]
 
@@ -85,15 +86,15 @@ def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> 
     return _from_cotangents(prob, structure, output_cotangents(prob, "type2"), theta)
 
 
-def fisher_mc(prob: Problem, structure: str = "full", samples: int = 1, seed: int = 0,
-              theta: Tensor | None = None) -> CurvatureMatrix:
-    """The Monte-Carlo Fisher with ``samples`` labels per input drawn from the model (unbiased for ggn).
+def fisher_mc(prob: Problem, structure: str = "full", samples: int | None = None, seed: int = 0,
+              theta: Tensor | None = None, *, mc_samples: int | None = None) -> CurvatureMatrix:
+    """The Monte-Carlo Fisher with ``mc_samples`` labels per input drawn from the model (unbiased for ggn).
 
-    Draws come from a ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
+    ``samples`` is the older spelling of ``mc_samples`` (default 1). Draws come from a
+    ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
     """
     theta = _check(prob, structure, theta)
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer; got {samples!r}")
+    samples = mc_samples_of(mc_samples, samples)
     if structure == "operator":
         return operator(prob, "fisher_mc", theta, samples=samples, seed=seed)
     return _from_cotangents(prob, structure, output_cotangents(prob, "mc", samples, seed), theta)
@@ -119,10 +120,12 @@ def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | Non
 
 
 def get(kind: str) -> Callable[..., CurvatureMatrix]:
-    """The oracle function for a kind name (``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``/``ef``)."""
-    table = {"hessian": hessian, "ggn": ggn, "fisher_mc": fisher_mc, "empirical_fisher": empirical_fisher,
-             "ef": empirical_fisher}
-    if kind not in table:
-        raise ValueError(f"unknown curvature kind {kind!r}: use one of {sorted(table)}")
-    return table[kind]
+    """The oracle function for a curvature kind (``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``,
+    or an older spelling: ``ef``, ``type2``, ``mc`` …; see :mod:`curvlab.vocabulary`)."""
+    table = {Curvature.HESSIAN: hessian, Curvature.GGN: ggn, Curvature.FISHER_MC: fisher_mc,
+             Curvature.EMPIRICAL_FISHER: empirical_fisher}
+    try:
+        return table[curvature(kind)]
+    except ValueError:
+        raise ValueError(f"unknown curvature kind {kind!r}: use one of {[c.value for c in Curvature]}") from None
 

@@ -7,7 +7,7 @@ from curvlab.linalg.base import DENSE_EIGH_LIMIT, CurvatureMatrix, Eigh, check_d
 from curvlab.linalg.block import BlockDiagonal
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.diagonal import Diagonal
-from curvlab.linalg.kron import EigenKron, Kron, KroneckerFactored
+from curvlab.linalg.kron import EigenKron, ForwardOnly, Kron, KroneckerFactored, TraceKron
 from curvlab.linalg.layout import KronLayout
 from curvlab.linalg.low_rank import (
     ConcatFactor,
@@ -21,5 +21,5 @@ from curvlab.linalg.low_rank import (
 from curvlab.linalg.operator import MatrixFree
 
 __all__ = ["CurvatureMatrix", "Eigh", "Dense", "BlockDiagonal", "Diagonal", "MatrixFree", "Kron", "EigenKron",
-           "KroneckerFactored", "KronLayout", "check_damping", "DENSE_EIGH_LIMIT", "LowRank", "Factor",
-           "DenseFactor", "KronRowsFactor", "ConcatFactor", "StackFactor", "TransformedFactor"]
+           "KroneckerFactored", "TraceKron", "ForwardOnly", "KronLayout", "check_damping", "DENSE_EIGH_LIMIT",
+           "LowRank", "Factor", "DenseFactor", "KronRowsFactor", "ConcatFactor", "StackFactor", "TransformedFactor"]

@@ -61,7 +61,7 @@ class BlockDiagonal(CurvatureMatrix):
     @property
     def structure(self) -> str:
         inner = {b.structure for b in self._blocks}
-        return "block" if inner == {"dense"} else "block[" + ",".join(sorted(inner)) + "]"
+        return "block" if inner == {"full"} else "block[" + ",".join(sorted(inner)) + "]"
 
     @property
     def blocks(self) -> tuple[CurvatureMatrix, ...]:

@@ -29,7 +29,7 @@ class Dense(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
-        return "dense"
+        return "full"
 
     def to_dense(self) -> Tensor:
         return self.matrix

@@ -2,7 +2,7 @@
 
 One layer z = W a (+ b), W ∈ R^{p×q}. Its curvature block is approximated by a Kronecker product
 of an *input* factor A (q×q, acting on the columns of W) and an *output* factor G (p×p, acting on
-its rows). In the column-major notation of the papers (``shared/reference/papers.md`` §0) this is
+its rows). In the column-major notation of the papers (Martens & Grosse 2015; ``docs/layout.md``) this is
 F ≈ A ⊗ G; curvlab's parameter order is row-major (``W.flatten()``), where the same matrix acts as
 
     K vec_r(X) = vec_r(G X A),      i.e. K = G ⊗ A in row-major Kronecker order.
@@ -27,8 +27,8 @@ it, and every damped solve of a Kron goes through it.
 * ``"pi"``: factored with Martens & Grosse's (2015) π-rule, λ_A = π√λ, λ_G = √λ/π,
   π = √((tr A / dim A) / (tr G / dim G)) (π = 1 when a factor has zero trace).
 * ``"trace"``: factored with the trace-normalised split of TKFAC (Gao et al. 2021; the paper's own
-  rule is not public — this is the derived "normalised factors, equal damping" choice of papers.md
-  §2.2): λ_A = √(λ tr A / tr G), λ_G = √(λ tr G / tr A), i.e. δ(P + μI) ⊗ (Q + μI) with
+  rule could not be checked — this is the derived "normalised factors, equal damping" choice):
+  λ_A = √(λ tr A / tr G), λ_G = √(λ tr G / tr A), i.e. δ(P + μI) ⊗ (Q + μI) with
   P = A/tr A, Q = G/tr G, δ = tr A tr G, μ = √(λ/δ).
 
 In the eigenbasis a factored damping is (λ^A_j + λ_A)(λ^G_i + λ_G) = λ^G_i λ^A_j + λ_G λ^A_j + λ_A λ^G_i
@@ -50,7 +50,7 @@ from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh, check_damping, s
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.layout import KronLayout
 
-__all__ = ["Kron", "EigenKron", "KroneckerFactored", "DAMPING_MODES", "factor_damping"]
+__all__ = ["Kron", "EigenKron", "TraceKron", "ForwardOnly", "KroneckerFactored", "DAMPING_MODES", "factor_damping"]
 
 #: the damping modes every Kronecker matrix understands
 DAMPING_MODES = ("exact", "factored", "pi", "trace")
@@ -201,10 +201,14 @@ class EigenKron(KroneckerFactored):
         return self.S + dG * eA[None, :] + dA * eG[:, None] + dA * dG
 
     def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
-        """The damped eigenvalues, refusing (numerically) singular ones."""
+        """The damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
+        key = ("denominators", mode, damping if not isinstance(damping, list) else tuple(damping))
+        if key in self._cache:
+            return self._cache[key]
         d = self._denominators(damping, mode)
         if bool((d.abs() <= singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype)).any()):
             raise self.singular_error(damping, float(d.abs().min()), mode)
+        self._cache[key] = d
         return d
 
     def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
@@ -428,3 +432,33 @@ class Kron(KroneckerFactored):
 
     def _top_eigen(self, k: int) -> Eigh:
         return self.eigen()._top_eigen(k)
+
+
+class TraceKron(Kron):
+    """c · (A ⊗ G): a Kronecker product rescaled to a prescribed trace (TKFAC; Gao et al. 2021).
+
+    Stored as the Kron (A, c·G) — every operation is Kron's — with the unscaled output factor and
+    c kept (``trace_factor``, ``unscaled_G``); scaling keeps the structure.
+    """
+
+    def __init__(self, A: Tensor, G: Tensor, trace_factor: float, bias: bool = False) -> None:
+        super().__init__(A, trace_factor * G, bias)
+        self.trace_factor, self.unscaled_G = float(trace_factor), G
+
+    @property
+    def structure(self) -> str:
+        return "trace_kron"
+
+    def _scaled(self, alpha: float) -> CurvatureMatrix:
+        return TraceKron(self.A, self.unscaled_G, alpha * self.trace_factor, self.bias)
+
+
+class ForwardOnly(Kron):
+    """A ⊗ I: an input factor only, no output statistics (FOOF; Benzing 2022, arXiv 2201.12250)."""
+
+    def __init__(self, A: Tensor, outputs: int, bias: bool = False) -> None:
+        super().__init__(A, torch.eye(outputs, dtype=A.dtype, device=A.device), bias)
+
+    @property
+    def structure(self) -> str:
+        return "forward_only"

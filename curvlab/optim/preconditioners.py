@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 import curvlab.exact as exact
@@ -26,7 +27,8 @@ from curvlab.approx.statistics import FAMILIES, Basis, average, kronecker_basis
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
-__all__ = ["Preconditioner", "KroneckerPreconditioner", "ExactPreconditioner", "KBFGSPreconditioner"]
+__all__ = ["Preconditioner", "KroneckerPreconditioner", "ExactPreconditioner", "KBFGSPreconditioner",
+           "TwoLevelPreconditioner", "GroupedNewtonPreconditioner"]
 
 
 class Preconditioner:
@@ -152,7 +154,8 @@ class ExactPreconditioner(Preconditioner):
     ``"ng"`` / ``"ng-block"``: the exact subsampled natural gradient, −(F + λI)⁻¹g with F the GGN
     (``fisher="type2"``; the exact Fisher for the supported losses), its Monte-Carlo estimate or the
     empirical Fisher of the curvature batch, full or block-diagonal over the partition, solved by
-    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P;
+    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P — unless
+    the rows outnumber the parameters, when the layer-structured dense matrix is the cheaper form;
     Benzing 2022, arXiv 2201.12250; Koroko et al. 2023, arXiv 2303.18083). ``"newton"`` /
     ``"newton-block"``: the exact damped Hessian (dense, for small problems); an indefinite H + λI
     gives a step that need not descend (a saddle-free variant is ``hessian_rule="abs"``: |H| from the
@@ -167,15 +170,27 @@ class ExactPreconditioner(Preconditioner):
         self.hessian_rule = hessian_rule
         self._matrix: CurvatureMatrix | None = None
 
+    def _structure(self, batch: Problem) -> str:
+        """The low-rank form while its r = N·k rows are fewer than the parameters it covers, else dense:
+        with r ≥ P the Woodbury system is the larger one and the layer-structured dense build is cheaper."""
+        if self.structure not in ("low_rank", "block_low_rank"):
+            return self.structure
+        k = {"type2": batch.num_outputs, "mc": self.mc_samples, "empirical": 1}[self.fisher]
+        rows = batch.num_samples * k
+        if self.structure == "low_rank":
+            return "low_rank" if rows < batch.num_params else "full"
+        return "block_low_rank" if rows < batch.num_params / len(batch.partition) else "block"
+
     def _build(self, batch: Problem, step: int) -> CurvatureMatrix:
         if self.kind == "hessian":
             H = exact.hessian(batch, structure=self.structure)
             return _absolute(H) if self.hessian_rule == "abs" else H
+        structure = self._structure(batch)
         if self.fisher == "type2":
-            return exact.ggn(batch, structure=self.structure)
+            return exact.ggn(batch, structure=structure)
         if self.fisher == "mc":
-            return exact.fisher_mc(batch, structure=self.structure, samples=self.mc_samples, seed=self.seed + step)
-        return exact.empirical_fisher(batch, structure=self.structure)
+            return exact.fisher_mc(batch, structure=structure, mc_samples=self.mc_samples, seed=self.seed + step)
+        return exact.empirical_fisher(batch, structure=structure)
 
     def update(self, batch: Problem, step: int) -> None:
         if self._matrix is None or step % self.inverse_period == 0:
@@ -251,3 +266,129 @@ class KBFGSPreconditioner(Preconditioner):
 
     def state(self) -> dict[str, Any]:
         return {} if self._state is None else {"counters": self._state.counters}
+
+
+# ---------------------------------------------------------------------------------------------- two-level KFAC
+class TwoLevelPreconditioner(KroneckerPreconditioner):
+    """Two-level KFAC along a trajectory (Koroko et al. 2023, arXiv 2303.18083; the authors' code,
+    ``optimizers/twolevel_kfac.py``): the fine level is KFAC with running averages (λ on each factor by
+    default, as the authors'), the coarse basis Z is rebuilt at every step from the current gradient
+    (residual-based spaces need it) and the coarse matrix ZᵀFZ — exact, from the low-rank factor of the
+    curvature batch's Fisher — enters a moving average every ``stats_period`` steps with decay
+    ρ = min(1 − 1/k, ``ema_decay``) at the k-th update. Direction: −(M_λ⁻¹g + Z(F_c + λD)⁻¹Zᵀg).
+    """
+
+    def __init__(self, coarse: str, damping: float, fine_rule: str = "koroko", **kron: Any) -> None:
+        super().__init__("kfac", damping, **kron)
+        self.coarse, self.fine_rule = coarse, fine_rule
+        self._batch: Problem | None = None
+        self._coarse_avg: Tensor | None = None
+        self._coarse_updates = 0
+        self._step = 0
+        self._last: Any = None
+
+    def update(self, batch: Problem, step: int) -> None:
+        super().update(batch, step)
+        self._batch, self._step = batch, step
+
+    def direction(self, g: Tensor) -> Tensor:
+        from curvlab.approx.two_level import two_level_kfac
+
+        T = two_level_kfac(self._batch, self.coarse, self.fisher or "type2", self.mc_samples, self.seed + self._step,
+                           self.approx, self.unsupported, self.damping, self.fine_rule, gradient=g, fine=self._matrix)
+        if self._coarse_avg is None or self._step % self.stats_period == 0:
+            self._coarse_updates += 1
+            rho = min(1.0 - 1.0 / self._coarse_updates, self.ema_decay)
+            Fc = T.coarse_matrix
+            self._coarse_avg = Fc if self._coarse_avg is None or Fc.shape != self._coarse_avg.shape \
+                else rho * self._coarse_avg + (1 - rho) * Fc
+        T.coarse_matrix = self._coarse_avg
+        self._last = T
+        return T.direction(g, self.damping)
+
+    def curvature(self) -> CurvatureMatrix | None:
+        return self._last
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "coarse_updates": self._coarse_updates}
+
+
+# ---------------------------------------------------------------------------------------------- GroupedNewton
+class GroupedNewtonPreconditioner(Preconditioner):
+    """GroupedNewton's practical optimiser "NewtonSummary" (Wolinski 2023–2025, arXiv 2312.03885; the
+    authors' ``grnewt``): the base direction u is SGD-momentum's buffer (momentum ``base_momentum``,
+    dampening ``base_dampening``: b ← μb + (1 − d)g); every ``period`` steps the order-2/3 summaries H̄,
+    ḡ, D of the curvature batch along u give per-subset step sizes η* (the anisotropic cubic model with
+    weight ``damping_int``, :func:`curvlab.approx.grouped_newton`), smoothed by an exponential average
+    (``lr_decay``, grnewt's ``mom_lrs``) and clipped at 0 (``remove_negative``); the direction is −η ⊙ u
+    per subset, which the optimizer scales by its lr (grnewt's λ₁, "damping"). A refresh whose solver
+    falls back (no root, no bracket …) counts in ``fallbacks`` and contributes η = 0, as in grnewt.
+    """
+
+    def __init__(self, partition: Any = "canonical", order: int = 3, damping_int: float = 1.0,
+                 period: int = 10, lr_decay: float = 0.5, remove_negative: bool = True,
+                 base_momentum: float = 0.9, base_dampening: float = 0.9, diagonal: bool = False) -> None:
+        super().__init__(0.0)
+        self.partition, self.order, self.damping_int, self.period = partition, order, damping_int, period
+        self.lr_decay, self.remove_negative, self.diagonal = lr_decay, remove_negative, diagonal
+        self.base_momentum, self.base_dampening = base_momentum, base_dampening
+        self._buffer: Tensor | None = None
+        self._eta: Tensor | None = None
+        self._subset_of: Tensor | None = None
+        self._batch: Problem | None = None
+        self._step = 0
+        self.subsets: list[str] = []
+        self.fallbacks = 0
+        self.statuses: list[str] = []
+
+    def update(self, batch: Problem, step: int) -> None:
+        self._batch, self._step = batch, step
+
+    def _refresh(self, u: Tensor) -> None:
+        from curvlab.approx.grouped_newton import grouped_newton
+
+        S = grouped_newton(self._batch, u, partition=self.partition, order=self.order)
+        if self.diagonal:  # the ablation without cross-subset terms
+            S.hessian = torch.diag(torch.diagonal(S.hessian))
+        try:
+            lr = S.learning_rates(damping_int=self.damping_int if self.order == 3 else 0.0)
+            status, ok, eta = lr.status, lr.ok, torch.as_tensor(lr.eta, dtype=u.dtype, device=u.device)
+        except ValueError:  # documented: λ_int = 0 (order 2) with H̄ not positive definite has no minimiser
+            status, ok, eta = "not_positive_definite", False, torch.zeros(S.num_subsets, dtype=u.dtype,
+                                                                           device=u.device)
+        self.statuses.append(status)
+        if not ok:
+            self.fallbacks += 1
+        if self._eta is None:
+            self._eta, self.subsets = eta, list(S.subsets)
+            self._subset_of = S.subset_of.to(u.device)
+        else:
+            self._eta = self.lr_decay * self._eta + (1 - self.lr_decay) * eta
+        if self.remove_negative:
+            self._eta = torch.clamp(self._eta, min=0.0)
+
+    def direction(self, g: Tensor) -> Tensor:
+        mu, damp = self.base_momentum, self.base_dampening
+        self._buffer = g.clone() if self._buffer is None else mu * self._buffer + (1 - damp) * g
+        u = self._buffer
+        if self._eta is None or self._step % self.period == 0:
+            self._refresh(u)
+        return -self._eta[self._subset_of] * u
+
+    def curvature(self) -> CurvatureMatrix | None:
+        """The diagonal metric whose inverse is the per-subset step, D = diag(1/η_s) on each subset's
+        coordinates (only where η_s > 0; None before the first refresh or when every η is 0)."""
+        from curvlab.linalg import Diagonal
+
+        if self._eta is None or not bool((self._eta > 0).all()):
+            return None
+        return Diagonal(1.0 / self._eta[self._subset_of])
+
+    def record(self) -> dict[str, Any]:
+        """Per-step diagnostics for cl.optim.train: the per-subset learning rates."""
+        if self._eta is None:
+            return {}
+        return {"subset_lr": ("subset", self.subsets, self._eta.detach().cpu().numpy().copy())}
+
+    def state(self) -> dict[str, Any]:
+        return {"fallbacks": self.fallbacks, "refreshes": len(self.statuses)}

@@ -98,6 +98,8 @@ def train(prob: Problem, method: str, steps: int, batch_size: int = 64, seed: in
     if 0 in cps:
         thetas[0] = theta.cpu().numpy()
     bar = _progress(steps, f"{prob.name}: {method}", progress)
+    records: dict[int, dict[str, Any]] = {}
+    recorder = getattr(getattr(opt, "preconditioner", None), "record", None)
     elapsed = 0.0
     for t, ix in enumerate(idx, start=1):
         start = time.perf_counter()
@@ -107,6 +109,8 @@ def train(prob: Problem, method: str, steps: int, batch_size: int = 64, seed: in
         step_norm[t], seconds[t] = float((new - theta).norm()), elapsed
         clip[t] = getattr(opt, "last_clip", math.nan)
         theta = new
+        if recorder is not None:
+            records[t] = recorder()
         loss[t] = prob.loss(theta)
         if t in cps:
             thetas[t] = theta.cpu().numpy()
@@ -115,9 +119,24 @@ def train(prob: Problem, method: str, steps: int, batch_size: int = 64, seed: in
             bar.set_postfix(loss=f"{loss[t]:.4g}")
     if bar is not None:
         bar.close()
-    return _dataset(prob, method, opt, options, seed, batch_size, steps, cps, thetas,
-                    {"loss": loss, "batch_loss": batch_loss, "step_norm": step_norm, "seconds": seconds,
-                     "clip": clip}, xr)
+    ds = _dataset(prob, method, opt, options, seed, batch_size, steps, cps, thetas,
+                  {"loss": loss, "batch_loss": batch_loss, "step_norm": step_norm, "seconds": seconds,
+                   "clip": clip}, xr)
+    return _add_records(ds, records, steps)
+
+
+def _add_records(ds, records: dict[int, dict[str, Any]], steps: int):
+    """Per-step diagnostics of the method (e.g. GroupedNewton's per-subset learning rates) as (step, dim)."""
+    names = {name for rec in records.values() for name in rec}
+    for name in sorted(names):
+        dim, coords = next((rec[name][0], rec[name][1]) for rec in records.values() if name in rec)
+        values = np.full((steps + 1, len(coords)), np.nan)
+        for t, rec in records.items():
+            if name in rec:
+                values[t] = rec[name][2]
+        ds[name] = (("step", dim), values, {"units": "1", "description": f"{name} after the step (per {dim})"})
+        ds = ds.assign_coords({dim: np.array(coords, dtype=str)})
+    return ds
 
 
 _UNITS = {"loss": ("loss", "training loss L(theta) on all of the problem's samples"),
