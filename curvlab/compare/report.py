@@ -64,7 +64,7 @@ from curvlab.compare.directions import direction_of, energy_norm, step_size
 from curvlab.compare.kron import factor_fraction_below
 from curvlab.compare.matrices import cosine, relative_error, restrict, trace_ratio
 from curvlab.compare.spectra import eigenvalues, fraction_below, negative_mass, spectra
-from curvlab.linalg import DENSE_EIGH_LIMIT, BlockDiagonal, CurvatureMatrix
+from curvlab.linalg import DENSE_EIGH_LIMIT, CurvatureMatrix
 from curvlab.linalg.base import singular_tolerance
 from curvlab.problem import Problem
 
@@ -94,7 +94,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
                            "(over sum |eig| without a GGN)"),
     "min_eigenvalue": ("loss / parameter^2", "smallest eigenvalue of the method's matrix (negative: indefinite)"),
     "positive_definite": ("1", "1 if the method's matrix C + damping I is positive definite (its smallest "
-                               "eigenvalue above P eps (max|eig| + damping)), 0 if not (its step -(C + damping "
+                               "eigenvalue above sqrt(P) eps (max|eig| + damping)), 0 if not (its step -(C + damping "
                                "I)^-1 g need not be a descent direction), NaN without a matrix"),
     "direction_cosine": ("1", "cosine between the update directions of two methods for the full-batch gradient"),
     "step_norm": ("parameter", "Euclidean norm of the update direction x (before the step size)"),
@@ -437,17 +437,17 @@ def _size(b: float) -> str:
 #: representations held through factors (Woodbury, Gram spectra)
 _LOW_RANK_REPS = ("low_rank", "block_low_rank")
 #: representations whose Frobenius products with a low-rank matrix take P products (no structural shortcut)
-_DENSE_LIKE = ("dense", "block", "spectral", "block_spectral", "operator")
+_DENSE_LIKE = ("full", "block", "spectral", "block_spectral", "operator")
 
 
 def _representation(obj: Any) -> str:
-    """What a built method is: its matrix's structure (``low_rank``, ``block_low_rank`` …) or ``vector``."""
+    """What a built method is: its matrix's ``structure`` (``full``, ``low_rank``, ``kron`` …; a block-diagonal
+    of one structure X is ``block_X``, e.g. ``block_low_rank``), or ``vector`` for a direction callable."""
     if not isinstance(obj, CurvatureMatrix):
         return "vector"
-    inner = {b.structure for b in obj.blocks} if isinstance(obj, BlockDiagonal) else set()
-    if len(inner) == 1 and inner != {"dense"}:
-        return f"block_{inner.pop()}"
-    return obj.structure
+    rep = obj.structure
+    inner = rep[len("block["):-1] if rep.startswith("block[") and rep.endswith("]") else ""
+    return f"block_{inner}" if inner and "," not in inner else rep
 
 
 class _Builds:
@@ -588,7 +588,7 @@ def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
 def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
     """(smallest, largest) eigenvalue: from the (cached) eigenvalues, or by Lanczos for a large dense
     matrix in a report without full spectra."""
-    dense_large = C.structure in ("dense", "operator") and C.size > DENSE_EIGH_LIMIT and not C.has_eigh
+    dense_large = C.structure in ("full", "operator") and C.size > DENSE_EIGH_LIMIT and not C.has_eigh
     if s.full_spectrum or not dense_large:
         w = C.eigvalsh()
         return float(w[0]), float(w[-1])
@@ -606,7 +606,8 @@ def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
 
 def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix | None) -> xr.Dataset:
     """eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
-    C + λI counts as positive definite when its smallest eigenvalue exceeds P·ε·(max|eig| + λ)."""
+    C + λI counts as positive definite when its smallest eigenvalue exceeds the singularity threshold of the
+    solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ))."""
     out = {"fraction_below": s.empty("damping"), "positive_definite": s.empty("damping"),
            "negative_mass": s.empty(), "min_eigenvalue": s.empty()}
     if s.full_spectrum:
@@ -930,7 +931,7 @@ def _coordinates(s: _Setup, builds: _Builds) -> dict[str, xr.Variable]:
         "structure": ("method", np.array(structures, dtype=str),
                       {"description": "representation of the method's matrix"}),
         "representation": ("method", np.array([builds.representation[m] for m in s.order], dtype=str),
-                           {"description": "how the report held the method's matrix (dense, low_rank, "
+                           {"description": "how the report held the method's matrix (full, low_rank, "
                                            "block_low_rank, kron …; vector: a direction only)"}),
         "mode": ("method", np.array([s.mode_of(m) for m in s.order], dtype=str),
                  {"description": "damping rule of the method's directions"}),

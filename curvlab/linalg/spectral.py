@@ -29,7 +29,7 @@ class Spectral(CurvatureMatrix):
 
     ``vectors`` is kept as given (not copied), so a Spectral built from another matrix's cached
     ``eigh()`` shares its eigenvectors. A damped system whose smallest |w_i + λ| is below
-    P·ε·(max|w| + λ) is numerically singular and raises.
+    √P·ε·(max|w| + λ) (``singular_tolerance``) is numerically singular and raises.
     """
 
     def __init__(self, values: Tensor, vectors: Tensor) -> None:
