@@ -363,18 +363,18 @@ def _footprint(s: _Setup, entry: str | None) -> tuple[int, int]:
 
 
 def _kind_of(entry: str | None) -> str:
-    """"low" for an entry held through factors, "dense" for one whose Frobenius products with those take P
-    products (a dense twin is built for them, see ``_Builds.twin``), else ""."""
-    st = _methods.REGISTRY[entry].structure if entry else ""
-    return "low" if st in ("low_rank", "block_low_rank") else \
-        "dense" if st in ("full", "block", "spectral", "block_spectral", "operator") else ""
+    """"low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
+    shortcut (a diagonal; a direction has none to take), else "other" (a dense twin is built for those, see
+    ``_Builds.twin``)."""
+    st = _methods.REGISTRY[entry].structure if entry else "vector"
+    return "low" if st in _LOW_RANK_REPS else "cheap" if st in ("diag", "vector") else "other"
 
 
 def _twin_bytes(s: _Setup, entries: Mapping[str, str | None], m: str) -> int:
-    """The transient dense twin of a low-rank matrix compared with a dense one while method m is processed."""
+    """The transient dense twin of a low-rank matrix compared with another structure while method m is processed."""
     kinds = {_kind_of(entries[a]) for a in s.anchors}
     mine = _kind_of(entries[m])
-    if (mine == "dense" and "low" in kinds) or (mine == "low" and "dense" in kinds):
+    if (mine == "other" and "low" in kinds) or (mine == "low" and "other" in kinds):
         return memory.nbytes((s.P, s.P), s.prob.dtype)
     return 0
 
@@ -436,8 +436,8 @@ def _size(b: float) -> str:
 # ---------------------------------------------------------------------------------------- building
 #: representations held through factors (Woodbury, Gram spectra)
 _LOW_RANK_REPS = ("low_rank", "block_low_rank")
-#: representations whose Frobenius products with a low-rank matrix take P products (no structural shortcut)
-_DENSE_LIKE = ("full", "block", "spectral", "block_spectral", "operator")
+#: representations whose Frobenius products with a low-rank matrix have a shortcut (or that have no matrix)
+_CHEAP_WITH_LOW_RANK = ("low_rank", "block_low_rank", "diag", "vector")
 
 
 def _representation(obj: Any) -> str:
@@ -507,20 +507,22 @@ class _Builds:
 
     def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
         """The operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
-        low-rank is replaced by its dense twin when the other one is dense (see :meth:`twin`)."""
-        low, dense = _LOW_RANK_REPS, _DENSE_LIKE
-        if self.representation.get(name) in low and self.representation.get(ref) in dense:
+        low-rank is replaced by its dense twin when the other one is of a structure without a shortcut for
+        low-rank operands (full, block, Kronecker …; see :meth:`twin`)."""
+        mine, theirs = self.representation.get(name), self.representation.get(ref)
+        if mine in _LOW_RANK_REPS and theirs not in _CHEAP_WITH_LOW_RANK:
             return self.twin(name) or C, B
-        if self.representation.get(ref) in low and self.representation.get(name) in dense:
+        if theirs in _LOW_RANK_REPS and mine not in _CHEAP_WITH_LOW_RANK:
             return C, self.twin(ref) or B
         return C, B
 
     def twin(self, name: str) -> CurvatureMatrix | None:
         """The oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
 
-        Against a dense matrix, ⟨A, s·UᵀU⟩ goes through products with the r rows of U: 2·P²·r flops
-        (r = N·C), while the oracle builds the dense GGN at its floor 2·N·P², so the comparisons are
-        cheaper with the dense form; the spectra and solves keep the low-rank one.
+        ⟨A, s·UᵀU⟩ with a matrix A of another structure goes through products of A with the r rows of U
+        (for a dense A 2·P²·r flops, r = N·C), and ‖A − s·UᵀU‖ through that again; the oracle builds the
+        dense GGN at its floor 2·N·P², after which the comparisons take the dense (or Kronecker-vs-dense)
+        shortcuts. The spectra and solves keep the low-rank form.
         """
         entry = self.plan.entries.get(name) or ""
         dense = entry.removesuffix("-low-rank")
@@ -686,7 +688,7 @@ def _damped_table(s: _Setup, name: str, method: Any, refs: _References,
     C = method if isinstance(method, CurvatureMatrix) else None
     for lam in s.dampings:
         if C is not None:
-            mine = _logdets(s, C, lam)
+            mine = refs.logdets(name, lam) if refs.mats.get(name) is C else _logdets(s, C, lam)
             for r, B in refs.mats.items():
                 at = {"reference": r, "damping": lam}
                 tr.loc[at] = _blockwise_values(trace_ratio(C, B, lam, blocks=s.block_spec), s.block_names)
@@ -1099,7 +1101,7 @@ def _definiteness_table(ds: xr.Dataset, damping: float) -> str:
         lines.append(n.ljust(w0) + "".join(c.rjust(w) for c in cells))
     bad = not_positive_definite(ds, damping)
     foot = (f"\n{INDEFINITE_MARK.strip()} marks below: C + λI is not positive definite at λ = {damping:g} "
-            f"({', '.join(bad)}); its step -(C + λI)^-1 g need not be a descent direction (remedies: "
+            f"({', '.join(bad)}); its step -(C + λI)^-1 g need not be a descent direction\n  (remedies: "
             "saddle-free-newton, hessian-positive)") if bad else ""
     return ("\nDefiniteness: smallest eigenvalue λ_min of each matrix, and whether C + λI is positive definite"
             "\n" + "\n".join(lines) + foot)
