@@ -245,7 +245,8 @@ def test_low_rank_forms_let_a_report_fit_where_dense_ones_would_not(small_prob):
     with memory.budget(int(3.5 * one)):
         ds = cc.report(small_prob, methods=["ggn", "ggn-block", "ef", "fisher-mc", "kfac"], damping=[0.1], k=2)
     assert set(ds.representation.values) == {"low_rank", "block_low_rank", "kron"}
-    assert ds.attrs["memory_estimate_bytes"] < one
+    # at most the transient dense twin of the GGN (while kfac is compared with it) and the factors' Grams
+    assert one <= ds.attrs["memory_estimate_bytes"] < 1.5 * one
 
 
 # ---------------------------------------------------------------------------------------- progress
