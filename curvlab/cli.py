@@ -18,6 +18,9 @@ memory budget, a file that cannot be read or written, any ``ValueError`` or ``Ty
 running — print one line to stderr and exit with status 2; pass ``--traceback`` (before the
 subcommand) to see the full traceback instead. Every argument is checked before any computation.
 Warnings are printed as one line each (``curvlab CMD: warning: …``), without source lines.
+``oracle`` and ``compare`` draw a progress bar with the time left on stderr (one tick per stage: a
+matrix built, its eigenvalues, a table) when stdout and stderr are terminals, and nothing otherwise
+or with ``--quiet``.
 
 Only the standard library and torch are imported at start-up; everything heavy (xarray,
 matplotlib, seaborn, scipy) is imported by the subcommand that needs it, so ``curvlab --help`` and
@@ -138,6 +141,19 @@ def _sci(x: float) -> str:
     return f"{x: .3e}"
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether a command draws a progress bar: not ``--quiet``, and stderr (where the bar goes) and stdout
+    both terminals, so that piped or redirected output carries no bar."""
+    return not getattr(args, "quiet", False) and _is_terminal(sys.stderr) and _is_terminal(sys.stdout)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
 # ---------------------------------------------------------------------------- curvlab problems
 def _configure_problems(parser: argparse.ArgumentParser) -> None:
     pass
@@ -210,6 +226,7 @@ def _configure_oracle(parser: argparse.ArgumentParser) -> None:
                         help="labels drawn per input for fisher_mc (default 1)")
     parser.add_argument("--top", type=_int_at_least(1), default=5,
                         help="how many top eigenvalues to show (default 5)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (shown only on a terminal)")
 
 
 def _parse_kinds(text: str) -> list[str]:
@@ -253,22 +270,44 @@ def _run_oracle(args: argparse.Namespace) -> int:
     # clock starts, so that "build s" is the computation of each matrix and not torch's set-up
     import torch._dynamo  # noqa: F401
 
+    bar = _stage_bar(2 * len(kinds), f"oracle {prob.name}") if show_progress(args) else None
     rows = []
     for kind in kinds:
         kwargs = {"samples": args.mc_samples, "seed": args.seed} if kind == "fisher_mc" else {}
+        _stage(bar, f"building {kind}")
         t0 = time.perf_counter()
         C = exact.get(kind)(prob, structure="full", **kwargs)
         t1 = time.perf_counter()
+        _stage(bar, f"eigenvalues of {kind}", done=1)
         ev = C.eigvalsh()
         t2 = time.perf_counter()
+        _stage(bar, "", done=1)
         scale = float(ev.abs().max())
         negative = int((ev < -1e-10 * scale).sum())
         top = ev.flip(0)[: args.top].tolist()
         rows.append([kind, _sci(float(C.trace())), " ".join(_sci(v) for v in top), negative,
                      f"{t1 - t0:.2f}", f"{t2 - t1:.2f}"])
+        del C, ev  # one dense matrix at a time
+    if bar is not None:
+        bar.close()
     print(format_table(["curvature (full)", "trace", f"top-{args.top} eigenvalues", "#neg", "build s",
                         "eigvalsh s"], rows, right=[False, True, False, True, True, True]))
     return 0
+
+
+def _stage_bar(total: int, desc: str) -> Any:
+    """A tqdm progress bar on stderr counting stages, with the time left (tqdm is imported here, on use)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _stage(bar: Any, msg: str, done: int = 0) -> None:
+    """Count ``done`` finished stages and show the next one's message (nothing without a bar)."""
+    if bar is not None:
+        bar.update(done)
+        if msg:
+            bar.set_postfix_str(msg)
 
 
 # ---------------------------------------------------------------------------- curvlab compare
@@ -303,7 +342,8 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="netCDF file to write (default data/results/NAME-compare.nc)")
     parser.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
     parser.add_argument("--dpi", type=_dpi, default=130, help="resolution of the PNG figures (default 130)")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is shown only when stdout and stderr are terminals)")
 
 
 def _csv(text: str, what: str) -> list[str]:
@@ -345,12 +385,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     prob = problem_from_args(args)
     _check_writable(out)  # before the report's minutes of work, not after
     t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        if not args.quiet:
-            print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-    ds = report(prob, full_spectrum=not args.top_only, skip_unavailable=True, progress=progress, **options)
+    ds = report(prob, full_spectrum=not args.top_only, skip_unavailable=True, progress=show_progress(args),
+                **options)
     print(format_report(ds))
     try:
         path = save(ds, out)

@@ -28,7 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 __all__ = ["direction_cosines", "spectra", "ladder", "layer_errors", "save_figures", "check_report", "FIGURES",
-           "DPI_RANGE"]
+           "DPI_RANGE", "INDEFINITE_MARK"]
+
+#: the mark of a method whose C + λI is not positive definite (its step need not be a descent direction)
+INDEFINITE_MARK = "*"
 
 #: the resolutions :func:`save_figures` accepts (dots per inch): beyond 600 a figure is hundreds of megapixels
 DPI_RANGE = (20, 600)
@@ -118,27 +121,64 @@ def _title(ds: xr.Dataset) -> str:
     return f"{ds.attrs.get('problem', '')}  (N={ds.attrs.get('num_samples', '?')}, P={ds.attrs.get('num_params', '?')})"
 
 
+def _not_positive_definite(ds: xr.Dataset, damping: float) -> list[str]:
+    from curvlab.compare.report import not_positive_definite
+
+    return not_positive_definite(ds, damping)
+
+
+def _cell_labels(values: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """Cosine annotations with two decimals; a cell of a not positive definite method marked."""
+    out = np.empty(values.shape, dtype=object)
+    for idx, v in np.ndenumerate(values):
+        text = "" if not np.isfinite(v) else f"{v:.2f}".replace("-0.00", "0.00")
+        out[idx] = text + INDEFINITE_MARK if text and marked[idx] else text
+    return out
+
+
 def direction_cosines(ds: xr.Dataset, damping: float | None = None) -> Figure:
-    """Heatmap of the pairwise cosines between the methods' update directions at one damping."""
+    """Heatmap of the pairwise cosines between the methods' update directions at one damping.
+
+    A method whose C + λI is not positive definite at that damping is marked ``*`` (its tick labels
+    and every cell of its row and column): its step need not be a descent direction, so cosines near
+    0 with every other method are expected.
+    """
     check_report(ds)
     sns = _sns()
     lam = _pick_damping(ds, damping)
     C = ds["direction_cosine"].sel({"damping": lam})
-    names = [str(m) for m in ds.method.values]
+    bad = set(_not_positive_definite(ds, lam))
+    names = [str(m) + (f" {INDEFINITE_MARK}" if str(m) in bad else "") for m in ds.method.values]
+    flag = np.array([str(m) in bad for m in ds.method.values])
     n = len(names)
     fig_w = max(5.5, 1.0 + 0.62 * n)
     fig = _figure(fig_w, max(3.8, 1.2 + 0.55 * n))
     ax = fig.subplots()
     annot_size = 9 if n <= 10 else 7.5
-    labels = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:.2f}".replace("-0.00", "0.00"))(C.values)
+    labels = _cell_labels(C.values, flag[:, None] | flag[None, :])
     sns.heatmap(C.values, ax=ax, vmin=-1, vmax=1, center=0, cmap="RdBu_r", annot=labels, fmt="",
                 annot_kws={"size": annot_size}, xticklabels=names, yticklabels=names, square=True,
                 linewidths=0.5, linecolor="white", cbar_kws={"label": "cosine", "shrink": 0.7})
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_yticklabels(names, rotation=0)
+    note = (f"\n{INDEFINITE_MARK} C + λI not positive definite ({', '.join(sorted(bad))}): its step need not "
+            "descend") if bad else ""
     ax.set_title(_wrap(f"Cosine between the methods' update directions at damping λ = {lam:g} "
-                       f"(damping rule: {ds.attrs.get('damping_rule', '?')})\n{_title(ds)}", fig_w - 0.6), fontsize=10)
+                       f"(damping rule: {ds.attrs.get('damping_rule', '?')}){note}\n{_title(ds)}", fig_w - 0.6),
+                 fontsize=10)
     return fig
+
+
+def _indefinite_note(ds: xr.Dataset, method: str) -> str:
+    """", C + λI indefinite at λ = …" for a matrix that is not positive definite at some damping, else ""."""
+    if "positive_definite" not in ds:
+        return ""
+    pd = ds["positive_definite"].sel({"method": method}).values
+    bad = [f"{float(d):g}" for d, v in zip(ds.damping.values, pd) if v == 0]
+    if not bad:
+        return ""
+    where = "every λ shown" if len(bad) == len(pd) else "λ = " + ", ".join(bad)
+    return f"; {INDEFINITE_MARK} C + λI not PD at {where}"
 
 
 def _spectrum_panel(ax, ds: xr.Dataset, groups: list[tuple[str, list[str]]], palette, floor: float,
@@ -154,6 +194,7 @@ def _spectrum_panel(ax, ds: xr.Dataset, groups: list[tuple[str, list[str]]], pal
             notes.append(f"{100 * zero:.0f}% ≈ 0")
         if notes:
             label += "  (" + ", ".join(notes) + ")"
+        label += _indefinite_note(ds, members[0])
         ax.plot(rank[keep], np.maximum(w[keep], floor), color=color, lw=2.0 if exact_style else 1.5,
                 ls="-" if exact_style else "--", label=label)
     for lam in ds.damping.values:
@@ -173,7 +214,8 @@ def spectra(ds: xr.Dataset, methods: list[str] | None = None) -> Figure:
     The first reference is drawn in both panels (black) for comparison; the dampings are dotted
     lines, so the share of a spectrum under a line is what that damping swamps. Eigenvalues below
     1e-9 of a matrix's largest are numerically zero (rank deficiency) and are not drawn; the legend
-    gives the share of negative and of zero eigenvalues. Methods with identical spectra share a curve.
+    gives the share of negative and of zero eigenvalues, and marks ``*`` a matrix whose C + λI is not
+    positive definite at some damping. Methods with identical spectra share a curve.
     """
     check_report(ds)
     if "eigenvalues" not in ds:

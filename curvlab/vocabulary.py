@@ -9,7 +9,9 @@ spellings stay accepted where they are public: ``type2`` (the exact expectation,
 **Structure** (how it is represented): the ``structure=`` of the oracle (``full``, ``block``,
 ``diag``, ``operator``, ``low_rank``, ``block_low_rank``) and the representations of the
 approximations (``kron``, ``eigen_kron``, ``trace_kron``, ``forward_only``, ``quasi_newton``,
-``two_level``); ``C.structure`` of every CurvatureMatrix is one of them.
+``two_level``), and ``spectral`` / ``block_spectral`` for a matrix given by its eigendecomposition
+(the remedies for indefinite curvature: saddle-free Newton |H|, the positive part of H);
+``C.structure`` of every CurvatureMatrix is one of them.
 
 The number of Monte-Carlo label samples is ``mc_samples`` everywhere (``samples=`` is accepted by the
 oracle's ``fisher_mc`` as its older spelling).
@@ -50,6 +52,8 @@ class Structure(str, Enum):
     FORWARD_ONLY = "forward_only"
     QUASI_NEWTON = "quasi_newton"
     TWO_LEVEL = "two_level"
+    SPECTRAL = "spectral"
+    BLOCK_SPECTRAL = "block_spectral"
 
     def __str__(self) -> str:
         return self.value

@@ -313,3 +313,52 @@ def test_help_problems_and_methods_import_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- progress, memory, indefinite
+def test_oracle_and_compare_draw_a_progress_bar_on_a_terminal(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    assert cli.main(["oracle", "diabetes-mlp", "--n", "12", "--kinds", "ggn,ef", "--top", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "oracle diabetes-mlp" in captured.err and "/4 " in captured.err and "stage" in captured.err
+    assert re.search(r"^ggn\s", captured.out, re.M) and "stage" not in captured.out
+    argv = ["compare", "diabetes-mlp", "--n", "12", "--methods", "ggn,kfac", "--damping", "0.1", "--k", "2",
+            "--out", str(tmp_path / "r.nc"), "--no-figures"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "compare diabetes-mlp" in captured.err and "<" in captured.err  # elapsed<left
+    assert "Matrix agreement with ggn" in captured.out and "stage" not in captured.out
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["oracle", "diabetes-mlp", "--n", "12", "--kinds", "ggn", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_no_progress_bar_unless_stdout_and_stderr_are_terminals(capsys, monkeypatch, tmp_path):
+    import sys
+
+    argv = ["compare", "diabetes-mlp", "--n", "12", "--methods", "kfac", "--damping", "0.1", "--k", "2",
+            "--out", str(tmp_path / "r.nc"), "--no-figures"]
+    assert cli.main(argv) == 0  # captured streams are no terminals
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: stream is sys.stderr)  # output piped to a file
+    assert cli.main(["oracle", "diabetes-mlp", "--n", "12", "--kinds", "ggn"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_refuses_a_report_over_the_memory_budget_in_one_line(capsys, monkeypatch):
+    from curvlab import memory
+
+    monkeypatch.setattr(memory, "_budget", 6 * 193 * 193 * 8)  # one dense matrix fits, three references do not
+    line = _one_line_error(capsys, ["compare", "diabetes-mlp", "--methods", "kfac", "--references",
+                                    "ggn,hessian,ef", "--quiet"])
+    assert line.startswith("curvlab compare: error: the report would hold about ") and "memory budget" in line
+
+
+def test_compare_marks_indefinite_steps(capsys, tmp_path):
+    rc = cli.main(["compare", "diabetes-mlp", "--n", "32", "--methods", "hessian,saddle-free-newton,ggn",
+                   "--damping", "1e-3", "--k", "2", "--out", str(tmp_path / "r.nc"), "--no-figures", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Definiteness" in out and "hessian *" in out and "saddle-free-newton *" not in out
+    assert re.search(r"^hessian\s+-\d", out, re.M)  # its smallest eigenvalue is negative

@@ -13,7 +13,8 @@ from torch import nn
 import curvlab as cl
 from curvlab.approx import Approximation
 from curvlab.compare import methods
-from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Diagonal, MatrixFree
+from curvlab.linalg import BlockDiagonal, CurvatureMatrix, Dense, Diagonal, LowRank, MatrixFree
+from curvlab.linalg.spectral import Spectral
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +26,43 @@ def prob() -> cl.Problem:
     return cl.Problem(model, nn.CrossEntropyLoss(), X, torch.randint(0, 2, (6,), generator=g))
 
 
-EXACT_CLASS = {"full": Dense, "block": BlockDiagonal, "diag": Diagonal, "operator": MatrixFree}
+EXACT_CLASS = {"full": Dense, "block": BlockDiagonal, "diag": Diagonal, "operator": MatrixFree, "low_rank": LowRank,
+               "block_low_rank": BlockDiagonal, "spectral": Spectral, "block_spectral": BlockDiagonal}
 KIND = {"hessian": "hessian", "ggn": "ggn", "fisher-mc": "fisher_mc", "ef": "empirical_fisher"}
 OPTIONS = {"mc_samples": 3, "seed": 4}
+SUFFIXES = (("", "full"), ("-block", "block"), ("-diag", "diag"), ("-operator", "operator"),
+            ("-low-rank", "low_rank"), ("-block-low-rank", "block_low_rank"))
+#: remedy → what it does to the eigenvalues of the dense Hessian
+REMEDIES = {"saddle-free-newton": torch.abs, "hessian-positive": lambda w: w.clamp_min(0.0)}
+
+
+def spectral_function(H: torch.Tensor, fn) -> torch.Tensor:
+    """Q fn(Λ) Qᵀ from a dense eigendecomposition of H."""
+    w, Q = torch.linalg.eigh(H)
+    return (Q * fn(w)) @ Q.T
+
+
+def remedy(name: str, prob: cl.Problem) -> Dense:
+    """The dense remedy matrix: |H| or max(H, 0), of the whole Hessian or block by block."""
+    fn = REMEDIES[name.removesuffix("-block")]
+    H = cl.exact.hessian(prob).to_dense()
+    if not name.endswith("-block"):
+        return Dense(spectral_function(H, fn))
+    out = torch.zeros_like(H)
+    for b in prob.partition:
+        out[b.slice, b.slice] = spectral_function(H[b.slice, b.slice], fn)
+    return Dense(out)
 
 
 def direct(name: str, prob: cl.Problem) -> CurvatureMatrix:
     """What a registered name stands for, built by the public functions."""
     for alias, kind in KIND.items():
-        for suffix, structure in (("", "full"), ("-block", "block"), ("-diag", "diag"), ("-operator", "operator")):
+        for suffix, structure in SUFFIXES:
             if name == alias + suffix:
                 kw = {"samples": 3, "seed": 4} if kind == "fisher_mc" else {}
                 return getattr(cl.exact, kind)(prob, structure=structure, **kw)
+    if name.removesuffix("-block") in REMEDIES:
+        return remedy(name, prob)
     if name in ("kfac", "kfac-exact", "kfac-pi", "kfac-factored"):
         return cl.approx.kfac(prob)
     if name in ("kfac-mc", "kfac-ef"):
@@ -64,7 +90,8 @@ def test_every_name_builds_what_it_says(prob, name):
     assert isinstance(out, CurvatureMatrix) and out.size == prob.num_params
     ref = direct(name, prob)
     if s.family == "exact":
-        assert type(out) is EXACT_CLASS[s.structure] and type(ref) is type(out)
+        assert type(out) is EXACT_CLASS[s.structure]
+        assert type(ref) is type(out) or name.removesuffix("-block") in REMEDIES
     else:
         assert isinstance(out, Approximation) and out.method == ref.method
         assert out.structure == s.structure
@@ -79,6 +106,12 @@ def test_names_and_specs():
     for alias in KIND:
         for suffix in ("", "-block", "-diag", "-operator"):
             assert methods.spec(alias + suffix).structure == (suffix[1:] or "full")
+        for suffix, structure in SUFFIXES[4:]:  # the low-rank forms of the sums of outer products only
+            if alias == "hessian":
+                with pytest.raises(ValueError, match="unknown method"):
+                    methods.spec(alias + suffix)
+            else:
+                assert methods.spec(alias + suffix).structure == structure
     for mode in ("exact", "pi", "factored"):
         assert methods.spec(f"kfac-{mode}").mode == mode
     assert methods.spec("kfac").mode == "own" and methods.spec("ggn").mode == "exact"

@@ -28,13 +28,32 @@ def ds(small_report) -> xr.Dataset:
     return small_report
 
 
+#: the dimensions of every report variable (the tables declare them; the catalogue holds units and descriptions)
+DIMS = {
+    "cosine": ("method", "reference", "block"), "relative_error": ("method", "reference", "block"),
+    "trace_ratio": ("method", "reference", "block", "damping"),
+    "logdet_difference": ("method", "reference", "block", "damping"), "eigenvalues": ("method", "eig"),
+    "wasserstein": ("method", "reference"), "wasserstein_log": ("method", "reference", "damping"),
+    "top_ratio": ("method", "reference", "top"), "subspace_overlap": ("method", "reference"),
+    "fraction_below": ("method", "damping"), "factor_fraction_below": ("method", "block", "damping", "factor"),
+    "negative_mass": ("method",), "min_eigenvalue": ("method",), "positive_definite": ("method", "damping"),
+    "direction_cosine": ("damping", "method", "versus"), "step_norm": ("method", "damping"),
+    "slope": ("method", "damping"), "energy_error": ("method", "reference", "damping"),
+    "alpha": ("method", "damping"), "predicted_change": ("method", "reference", "damping"),
+    "actual_change": ("method", "damping"), "reference_norm": ("reference", "block"), "build_seconds": ("method",),
+    "loss": (), "gradient_norm": (),
+}
+
+
 def test_dimensions_coordinates_and_attributes(ds, prob):
     assert dict(ds.sizes) == {"method": len(METHODS), "reference": 2, "block": 1 + len(prob.partition),
                               "damping": 2, "eig": prob.num_params, "top": 5, "factor": 2, "versus": len(METHODS)}
     assert list(ds.method.values) == METHODS
     assert list(ds.block.values) == ["all", *prob.partition.names]
     np.testing.assert_array_equal(ds.damping.values, DAMPING)
-    for name, (dims, units, desc) in cc.VARIABLES.items():
+    assert set(cc.VARIABLES) == set(DIMS) == set(ds.data_vars)
+    for name, (units, desc) in cc.VARIABLES.items():
+        dims = DIMS[name]
         assert ds[name].dims == dims, name
         assert ds[name].attrs == {"units": units, "description": desc}
     for key in ("problem", "model", "loss", "num_samples", "num_params", "dtype", "dataset", "seed",
