@@ -32,5 +32,5 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f"curvlab.{name}")
     if name in _PLANNED:
-        raise AttributeError(f"curvlab.{name} ({_PLANNED[name]}) is not built yet: see shared/design.md")
+        raise AttributeError(f"curvlab.{name} ({_PLANNED[name]}) is not built yet")
     raise AttributeError(f"module 'curvlab' has no attribute {name!r}")

@@ -386,16 +386,9 @@ def per_sample_jacobian_rows(prob: Problem, theta: Tensor, names: list[str], U: 
     return {n_: torch.cat([p[n_] for p in parts], dim=1) for n_ in names}
 
 
-def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor | None = None,
-            layers: dict[str, nn.Module] | None = None, generic: bool = True) -> Capture:
-    """Collect (a, g) for structured layers and explicit rows for all other parameters.
-
-    ``cotangents(f)`` maps the detached model output (N, *out) to cotangents U (k, N, *out),
-    already scaled as the caller wants (e.g. by √R). With ``generic=False`` parameters outside
-    structured layers are skipped (the result then covers only the layers).
-    """
-    theta = prob.theta if theta is None else theta
-    layers = supported_layers(prob) if layers is None else layers
+def _recorded_forward(prob: Problem, theta: Tensor, layers: dict[str, nn.Module]
+                      ) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
+    """Forward pass at θ recording each structured layer's input and output z (on the graph)."""
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
 
     def make_hook(name: str) -> Callable:
@@ -418,51 +411,87 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     finally:
         for h in handles:
             h.remove()
+    return f, records
 
+
+def _output_grads(f: Tensor, zs: list[Tensor], U: Tensor) -> list[Tensor | None]:
+    """Cotangents (k, *z.shape) of the layer outputs zs for the k output cotangents U."""
+    if U.shape[0] == 0:  # no cotangents (forward-only statistics, e.g. FOOF): no backward pass
+        return [None] * len(zs)
+    if U.shape[0] == 1:  # one cotangent: a plain backward pass (vmap costs ~1/3 of a gradient)
+        grads = torch.autograd.grad(f, zs, grad_outputs=U[0], allow_unused=True)
+        return [None if gz is None else gz[None] for gz in grads]
+    return list(torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True))
+
+
+def _layer_pieces(prob: Problem, layers: dict[str, nn.Module],
+                  records: dict[str, list[tuple[Tensor, Tensor]]], f: Tensor, U: Tensor) -> list[LayerIO]:
+    """One LayerIO (inputs a, backpropagated output cotangents g) per structured layer."""
+    if not layers:
+        return []
+    n = prob.X.shape[0]
+    zs = [records[name][0][1] for name in layers]
+    pieces = []
+    for (name, m), z, gz in zip(layers.items(), zs, _output_grads(f, zs, U)):
+        rule = RULES[type(m)]
+        a = rule.inputs(m, records[name][0][0])
+        if gz is None:
+            gz = torch.zeros((U.shape[0], *z.shape), dtype=z.dtype, device=z.device)
+        prefix = f"{name}." if name else ""
+        bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
+        pieces.append(LayerIO(name, m, rule.kind, prefix + "weight", bias,
+                              prob.param_slices[prefix + "weight"].start, a, rule.grads(gz, n)))
+    return pieces
+
+
+def _consecutive_runs(names: list[str], covered: set[str]) -> list[list[str]]:
+    """Maximal runs of consecutive parameter names outside ``covered``."""
+    runs: list[list[str]] = []
+    run: list[str] = []
+    for p in names:
+        if p in covered:
+            if run:
+                runs.append(run)
+            run = []
+        else:
+            run.append(p)
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _generic_pieces(prob: Problem, theta: Tensor, covered: set[str], U: Tensor) -> list[GenericRows]:
+    """Explicit per-sample Jacobian rows of the parameters outside structured layers, one piece per run."""
+    rest = [p for p in prob.param_names if p not in covered]
+    if not rest:
+        return []
+    n = prob.X.shape[0]
+    rows = per_sample_jacobian_rows(prob, theta, rest, U)
+    return [GenericRows(tuple(run), prob.param_slices[run[0]].start,
+                        torch.cat([rows[p].reshape(U.shape[0], n, -1) for p in run], dim=2))
+            for run in _consecutive_runs(prob.param_names, covered)]
+
+
+def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor | None = None,
+            layers: dict[str, nn.Module] | None = None, generic: bool = True) -> Capture:
+    """Collect (a, g) for structured layers and explicit rows for all other parameters.
+
+    ``cotangents(f)`` maps the detached model output (N, *out) to cotangents U (k, N, *out),
+    already scaled as the caller wants (e.g. by √R). With ``generic=False`` parameters outside
+    structured layers are skipped (the result then covers only the layers).
+    """
+    theta = prob.theta if theta is None else theta
+    layers = supported_layers(prob) if layers is None else layers
+    f, records = _recorded_forward(prob, theta, layers)
     reused = [name for name, rec in records.items() if len(rec) != 1]
     if reused:  # a layer applied several times per forward: treat it generically
         keep = {k: v for k, v in layers.items() if k not in reused}
         return capture(prob, cotangents, theta, keep, generic)
 
     U = cotangents(f.detach())
-    n = prob.X.shape[0]
-    pieces: list[LayerIO | GenericRows] = []
-    if layers:
-        zs = [records[name][0][1] for name in layers]
-        if U.shape[0] == 0:  # no cotangents (forward-only statistics, e.g. FOOF): no backward pass
-            grads = [None] * len(zs)
-        elif U.shape[0] == 1:  # one cotangent: a plain backward pass (vmap costs ~1/3 of a gradient)
-            grads = torch.autograd.grad(f, zs, grad_outputs=U[0], allow_unused=True)
-            grads = [None if gz is None else gz[None] for gz in grads]
-        else:
-            grads = torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
-        for (name, m), z, gz in zip(layers.items(), zs, grads):
-            rule = RULES[type(m)]
-            a = rule.inputs(m, records[name][0][0])
-            if gz is None:
-                gz = torch.zeros((U.shape[0], *z.shape), dtype=z.dtype, device=z.device)
-            prefix = f"{name}." if name else ""
-            bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
-            pieces.append(LayerIO(name, m, rule.kind, prefix + "weight", bias,
-                                  prob.param_slices[prefix + "weight"].start, a, rule.grads(gz, n)))
-    covered = {p for piece in pieces for p in ([piece.weight] + ([piece.bias] if piece.bias else []))}
-    rest = [p for p in prob.param_names if p not in covered]
-    if rest and generic:
-        rows = per_sample_jacobian_rows(prob, theta, rest, U)
-        # consecutive generic tensors form one piece
-        run: list[str] = []
-        runs: list[list[str]] = []
-        for p in prob.param_names:
-            if p in covered:
-                if run:
-                    runs.append(run)
-                run = []
-            else:
-                run.append(p)
-        if run:
-            runs.append(run)
-        for run in runs:
-            R = torch.cat([rows[p].reshape(U.shape[0], n, -1) for p in run], dim=2)
-            pieces.append(GenericRows(tuple(run), prob.param_slices[run[0]].start, R))
+    pieces: list[LayerIO | GenericRows] = list(_layer_pieces(prob, layers, records, f, U))
+    if generic:
+        covered = {p for piece in pieces for p in ([piece.weight] + ([piece.bias] if piece.bias else []))}
+        pieces.extend(_generic_pieces(prob, theta, covered, U))
     pieces.sort(key=lambda p: p.start)
-    return Capture(pieces, f.detach(), n)
+    return Capture(pieces, f.detach(), prob.X.shape[0])
