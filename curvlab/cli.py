@@ -143,7 +143,8 @@ def _sci(x: float) -> str:
 
 def show_progress(args: argparse.Namespace) -> bool:
     """Whether a command draws a progress bar: not ``--quiet``, and stderr (where the bar goes) and stdout
-    both terminals, so that piped or redirected output carries no bar."""
+    both terminals, so that piped or redirected output carries no bar.
+    """
     return not getattr(args, "quiet", False) and _is_terminal(sys.stderr) and _is_terminal(sys.stdout)
 
 

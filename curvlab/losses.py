@@ -88,7 +88,8 @@ class Likelihood:
 
     def positions(self, f: Tensor) -> int:
         """T: the positions of one sample's output — the axes between the batch axis and the
-        feature axis (the last for MSE and BCE, as curvlinops flattens them; dim 1 for CE)."""
+        feature axis (the last for MSE and BCE, as curvlinops flattens them; dim 1 for CE).
+        """
         return math.prod(f.shape[1:-1])
 
     def split_positions(self, g: Tensor) -> Tensor:

@@ -89,7 +89,8 @@ _COTANGENTS = {Curvature.GGN: "type2", Curvature.FISHER_MC: "mc", Curvature.EMPI
 
 def fisher_type(value: Any) -> str:
     """The Fisher type ``value`` names, as the capture engine's cotangent name (``type2``, ``mc``,
-    ``empirical``); raises for an unknown name or for ``hessian`` (not a sum of outer products)."""
+    ``empirical``); raises for an unknown name or for ``hessian`` (not a sum of outer products).
+    """
     kind = curvature(value)
     if kind is Curvature.HESSIAN:
         raise ValueError("the Hessian is not a Fisher-type curvature (not a sum of outer products): use 'ggn', "

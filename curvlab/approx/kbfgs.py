@@ -147,7 +147,8 @@ def lm_damping(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, bool]:
 @dataclass
 class DampedPair:
     """A curvature pair after :func:`double_damping`: which stages triggered; ``skipped`` names the
-    reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it was applied."""
+    reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it was applied.
+    """
 
     s: Tensor
     y: Tensor
@@ -350,7 +351,8 @@ class KBFGSLayerState:
     # -- input side ------------------------------------------------------------------------------
     def observe(self, A_batch: Tensor, decay: float, damping: float) -> None:
         """A ← A_batch at the first call, else βA + (1 − β)A_batch; A_LM = A + √λI; at the first
-        call H_a = A_LM⁻¹ (the only explicit inverse)."""
+        call H_a = A_LM⁻¹ (the only explicit inverse).
+        """
         if A_batch.shape != (self.d_in, self.d_in):
             raise ValueError(f"layer {self.name!r}: the input factor must be {self.d_in}×{self.d_in}; got "
                              f"{tuple(A_batch.shape)}")
@@ -460,7 +462,8 @@ class LayerStatistics:
 @dataclass
 class KBFGSStatistics:
     """What :func:`kbfgs_statistics` returns: the loss and flat gradient ∇L(θ) of the batch, and the
-    per-layer statistics by layer name (module name; ``"(root)"`` for a bare layer)."""
+    per-layer statistics by layer name (module name; ``"(root)"`` for a bare layer).
+    """
 
     theta: Tensor
     loss: float
@@ -639,7 +642,8 @@ class KBFGS:
     def update_from_step(self, before: KBFGSStatistics, after: KBFGSStatistics) -> dict[str, DampedPair]:
         """The updates after a step, from the statistics of the *same* minibatch before and after it:
         per layer, H_g from (z̄ − z̄⁺, ḡ − ḡ⁺) (EMA, double damping, skip rule), then the
-        Hessian-action update of H_a with the batch's h̄ (before). Returns the damped pairs by layer."""
+        Hessian-action update of H_a with the batch's h̄ (before). Returns the damped pairs by layer.
+        """
         self._check_stats(before, "before")
         self._check_stats(after, "after")
         if before.num_samples != after.num_samples:

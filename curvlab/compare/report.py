@@ -273,7 +273,8 @@ class _Setup:
 
 class _Progress:
     """Stage-by-stage progress: a tqdm bar with time left on stderr (``progress=True``), a callable told
-    each stage's message, or nothing (``None``/``False``)."""
+    each stage's message, or nothing (``None``/``False``).
+    """
 
     def __init__(self, progress: bool | Callable[[str], None] | None, total: int, desc: str) -> None:
         self.say = progress if callable(progress) else None
@@ -365,7 +366,8 @@ def _footprint(s: _Setup, entry: str | None) -> tuple[int, int]:
 def _kind_of(entry: str | None) -> str:
     """"low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
     shortcut (a diagonal; a direction has none to take), else "other" (a dense twin is built for those, see
-    ``_Builds.twin``)."""
+    ``_Builds.twin``).
+    """
     st = _methods.REGISTRY[entry].structure if entry else "vector"
     return "low" if st in _LOW_RANK_REPS else "cheap" if st in ("diag", "vector") else "other"
 
@@ -442,7 +444,8 @@ _CHEAP_WITH_LOW_RANK = ("low_rank", "block_low_rank", "diag", "vector")
 
 def _representation(obj: Any) -> str:
     """What a built method is: its matrix's ``structure`` (``full``, ``low_rank``, ``kron`` …; a block-diagonal
-    of one structure X is ``block_X``, e.g. ``block_low_rank``), or ``vector`` for a direction callable."""
+    of one structure X is ``block_X``, e.g. ``block_low_rank``), or ``vector`` for a direction callable.
+    """
     if not isinstance(obj, CurvatureMatrix):
         return "vector"
     rep = obj.structure
@@ -508,7 +511,8 @@ class _Builds:
     def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
         """The operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
         low-rank is replaced by its dense twin when the other one is of a structure without a shortcut for
-        low-rank operands (full, block, Kronecker …; see :meth:`twin`)."""
+        low-rank operands (full, block, Kronecker …; see :meth:`twin`).
+        """
         mine, theirs = self.representation.get(name), self.representation.get(ref)
         if mine in _LOW_RANK_REPS and theirs not in _CHEAP_WITH_LOW_RANK:
             return self.twin(name) or C, B
@@ -589,7 +593,8 @@ def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------- per-method tables
 def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
     """(smallest, largest) eigenvalue: from the (cached) eigenvalues, or by Lanczos for a large dense
-    matrix in a report without full spectra."""
+    matrix in a report without full spectra.
+    """
     dense_large = C.structure in ("full", "operator") and C.size > DENSE_EIGH_LIMIT and not C.has_eigh
     if s.full_spectrum or not dense_large:
         w = C.eigvalsh()
@@ -609,7 +614,8 @@ def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
 def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix | None) -> xr.Dataset:
     """eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
     C + λI counts as positive definite when its smallest eigenvalue exceeds the singularity threshold of the
-    solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ))."""
+    solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ)).
+    """
     out = {"fraction_below": s.empty("damping"), "positive_definite": s.empty("damping"),
            "negative_mass": s.empty(), "min_eigenvalue": s.empty()}
     if s.full_spectrum:
@@ -641,7 +647,8 @@ _CANCELLATION = 1e-6
 def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[float]:
     """‖C − B‖_F/‖B‖_F whole and per block. Where two structures left only the expansion
     ‖C‖² + ‖B‖² − 2⟨C, B⟩ (digits lost when C ≈ B, e.g. KFAC on a layer where it is exact against a
-    low-rank GGN) and the block fits the budget thrice, the difference is taken densely."""
+    low-rank GGN) and the block fits the budget thrice, the difference is taken densely.
+    """
     out = _blockwise_values(relative_error(C, B, blocks=s.block_spec), s.block_names)
     for i, sl in enumerate(_slices(s)):
         a, b = restrict(C, sl), restrict(B, sl)
@@ -654,7 +661,8 @@ def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[
 def _agreement_table(s: _Setup, name: str, C: CurvatureMatrix | None, refs: _References,
                      builds: _Builds) -> xr.Dataset:
     """cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
-    top_ratio (reference, top); wasserstein_log (reference, damping)."""
+    top_ratio (reference, top); wasserstein_log (reference, damping).
+    """
     out = {"cosine": s.empty("reference", "block"), "relative_error": s.empty("reference", "block"),
            "wasserstein": s.empty("reference"), "subspace_overlap": s.empty("reference"),
            "top_ratio": s.empty("reference", "top"), "wasserstein_log": s.empty("reference", "damping")}
@@ -707,7 +715,8 @@ def _slices(s: _Setup) -> list[slice]:
 
 def _factor_table(s: _Setup, C: CurvatureMatrix | None, mode: str) -> xr.Dataset:
     """factor_fraction_below (block, damping, factor): per Kronecker layer, the share of each factor's
-    eigenvalues below that factor's part of the damping (the method's factored rule, else π)."""
+    eigenvalues below that factor's part of the damping (the method's factored rule, else π).
+    """
     out = s.empty("block", "damping", "factor")
     if C is not None:
         for lam in s.dampings:

@@ -44,7 +44,8 @@ __all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk", "a
 
 def activation_count(prob: Problem) -> int:
     """Entries of every leaf module's output over the whole batch (from the cached survey of the
-    model): what one tangent or cotangent costs to push through the network."""
+    model): what one tangent or cotangent costs to push through the network.
+    """
     return int(round(survey(prob).activations_per_sample * prob.num_samples))
 
 

@@ -77,7 +77,8 @@ __all__ = ["single_use_linear_layers", "LayerCurvature", "layer_curvature", "pai
 def single_use_linear_layers(prob: Problem, theta: Tensor | None = None) -> dict[str, nn.Linear]:
     """The verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in)
     inputs — the layers whose Hessian blocks :func:`pair_block` computes. ``theta`` is accepted for
-    compatibility; the survey is structural and cached on the problem."""
+    compatibility; the survey is structural and cached on the problem.
+    """
     return {k: L.module for k, L in survey(prob).layers.items() if L.single_position}
 
 
@@ -480,7 +481,8 @@ def _param_tangents(u: Site, p0: int, p1: int) -> Tensor:
 
 def _expand(u: Site, g: int, R: Tensor) -> Tensor:
     """Responses R (g·T, …) to pre-activation directions (p, t) → responses to parameter directions
-    (p, j): Σ_t ā_nt[j] R[(p, t), n, …], shape (g·q, …)."""
+    (p, j): Σ_t ā_nt[j] R[(p, t), n, …], shape (g·q, …).
+    """
     T, q = u.positions, u.layout.cols
     Rv = R.reshape(g, T, *R.shape[1:])
     out = torch.einsum("ptn...,ntj->pjn...", Rv, u.abar)
@@ -527,7 +529,8 @@ def _direct_map(prob: Problem, params: dict[str, Tensor], sites: dict[str, Site]
 def direct_rows(prob: Problem, sites: dict[str, Site], u: str, targets: list[str],
                 theta: Tensor | None = None) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
     """Yield (p0, p1, {v: X}) with X the folded rows (p, j), p0 ≤ p < p1, of H[W̄_u, W̄_v] for every v
-    in ``targets`` (u and layers after it), shape ((p1 − p0)·q_u, d_v·q_v) — the direct route."""
+    in ``targets`` (u and layers after it), shape ((p1 − p0)·q_u, d_v·q_v) — the direct route.
+    """
     theta = prob.theta if theta is None else theta
     su = sites[u]
     resp = vmap(_direct_map(prob, _params(prob, theta), sites, u, targets))
@@ -554,7 +557,8 @@ def direct_rows(prob: Problem, sites: dict[str, Site], u: str, targets: list[str
 # ---------------------------------------------------------------------------------- the chained route
 def _index_maps(u: Site, v: Site) -> tuple[Tensor, Tensor, Tensor]:
     """For the patches of v whose inputs are u's outputs reshaped: the channel and position of u
-    that each patch entry (t, i) reads, and whether it reads one at all (not padding); (T_v, d_in,v)."""
+    that each patch entry (t, i) reads, and whether it reads one at all (not padding); (T_v, d_in,v).
+    """
     size = math.prod(u.z_shape)
     flat = torch.arange(size, dtype=torch.float64, device=u.abar.device)
     grid = u.from_z(flat.reshape(1, 1, *u.z_shape))[0, 0].long()  # (T_u, d_u): flat index of (t, p)
@@ -667,7 +671,8 @@ def _flat_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str, chain: 
 def _propagate(sites: dict[str, Site], links: dict[str, Tensor], chain: list[str], dz: Tensor,
                targets: list[str]) -> dict[str, Tensor]:
     """Push tangents dz (c, N, T, d) at the first layer of ``chain`` through the later links
-    (densely); the Ψ rows (c, d_v·q_v) of every target among them."""
+    (densely); the Ψ rows (c, d_v·q_v) of every target among them.
+    """
     out = {}
     for prev, v in zip(chain, chain[1:]):
         sp, sv = sites[prev], sites[v]

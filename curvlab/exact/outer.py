@@ -53,7 +53,8 @@ def _by_pairs(rows: int, cols: int) -> bool:
     """Whether Σ_n M_n ⊗ a_n b_nᵀ runs faster as one GEMM per (o, p) than as one GEMM with o·p rows:
     for few outputs and many inputs (measured on 2 cores, float64: 10 × 513, the head of
     digits-cnn, 2× faster by pairs; 16 × 129 and every MLP layer of the canned problems faster as
-    one GEMM)."""
+    one GEMM).
+    """
     return 256 * rows <= cols
 
 

@@ -179,7 +179,8 @@ def _apply_cotangents(U: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
 def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """Σ_t r_t (r_tᵀ J v) per sample, r_t = ∇_f ℓ_nt on position t alone: r ⊙ ⟨r, J v⟩ over the
-    feature axis, without forming the T per-position cotangents."""
+    feature axis, without forming the T per-position cotangents.
+    """
     axis = prob.likelihood.feature_axis if r.ndim > 1 else None
 
     def apply(_f: Tensor, Jv: Tensor) -> Tensor:
@@ -192,7 +193,8 @@ def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], 
 def _fisher_apply(prob: Problem, theta: Tensor, kind: str, samples: int = 1, seed: int = 0,
                   per: str = "sample") -> Callable[[Tensor, Tensor], Tensor]:
     """The output-space action of a Fisher-type kind: Λ J v with Λ = Σ_k u_k u_kᵀ per sample for the
-    (unscaled: R is applied once, in :func:`_output_space_fn`) cotangents of ``capture.output_cotangents``."""
+    (unscaled: R is applied once, in :func:`_output_space_fn`) cotangents of ``capture.output_cotangents``.
+    """
     if kind == "ggn":
         return prob.likelihood.hvp_output
     if kind == "empirical_fisher" and per == "position":
@@ -219,7 +221,8 @@ def ggn_vp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
 
 def ef_vp(prob: Problem, V: Tensor, theta: Tensor | None = None, per: str = "sample") -> Tensor:
     """EF V = R Σ_n ∇ℓ_n ∇ℓ_nᵀ V (data labels); ``per="position"``: R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ V
-    (see ``cl.exact.empirical_fisher``)."""
+    (see ``cl.exact.empirical_fisher``).
+    """
     theta = _checked(prob, theta)
     apply = _fisher_apply(prob, theta, "empirical_fisher", per=per)
     return _batched(_output_space_fn(prob, theta, apply), prob, V)

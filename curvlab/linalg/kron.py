@@ -258,7 +258,8 @@ class EigenKron(KroneckerFactored):
 
     def _sum_factor_eigenvalues(self, other: EigenKron, sign: float) -> tuple[Tensor, Tensor] | None:
         """Factor eigenvalues of a sum that is still one Kronecker product: A ⊗ G ± A ⊗ G' =
-        A ⊗ (G ± G') (shared A), likewise for a shared G; otherwise None (no factored damping)."""
+        A ⊗ (G ± G') (shared A), likewise for a shared G; otherwise None (no factored damping).
+        """
         fa, fb = self.factor_eigenvalues, other.factor_eigenvalues
         if fa is None or fb is None:
             return None
@@ -271,7 +272,8 @@ class EigenKron(KroneckerFactored):
     # -- structural hooks: nothing forms A ⊗ G densely ----------------------------------------------
     def _inner(self, other: CurvatureMatrix) -> Tensor | None:
         """⟨Q diag(S) Qᵀ, Q' diag(S') Q'ᵀ⟩ = Σ S_ij S'_i'j' (Q_GᵀQ'_G)²_ii' (Q_AᵀQ'_A)²_jj' (⟨S, S'⟩ in one
-        basis); against a dense block, Σ_ij S_ij (Qᵀ D̃ Q)_(ij),(ij), rotating D̃ one factor at a time."""
+        basis); against a dense block, Σ_ij S_ij (Qᵀ D̃ Q)_(ij),(ij), rotating D̃ one factor at a time.
+        """
         if isinstance(other, Kron):
             other = other.eigen()
         if isinstance(other, EigenKron) and self.same_layout(other):
@@ -403,7 +405,8 @@ class Kron(KroneckerFactored):
     # -- structural hooks ------------------------------------------------------------------------------
     def _inner(self, other: CurvatureMatrix) -> Tensor | None:
         """⟨A ⊗ G, A' ⊗ G'⟩ = ⟨A, A'⟩⟨G, G'⟩; against a dense block, the Van Loan rearrangement; against
-        an EigenKron, in the eigenbasis."""
+        an EigenKron, in the eigenbasis.
+        """
         if isinstance(other, Kron) and self.same_layout(other):
             return (self.A * other.A).sum() * (self.G * other.G).sum()
         if isinstance(other, Dense) and other.size == self.size:

@@ -598,7 +598,8 @@ class LowRank(CurvatureMatrix):
 
     def _core(self, mu: float) -> tuple[str, Tensor, Tensor | None]:
         """A factorisation for the damping: ("primal", chol(sUᵀU + μI_P), None) when P < r, else
-        ("cholesky", chol(sG + μI_r), None), or ("eigh", d, V) with d = sσ + μ if that is not definite."""
+        ("cholesky", chol(sG + μI_r), None), or ("eigh", d, V) with d = sσ + μ if that is not definite.
+        """
         key = ("core", mu)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if not (isinstance(k, tuple) and k[0] == "core")}

@@ -110,7 +110,8 @@ class Spectral(CurvatureMatrix):
 
     def _inner(self, other: CurvatureMatrix) -> Tensor:
         """⟨C, B⟩_F = Σ_i w_i q_iᵀ B q_i (products of B with chunks of eigenvectors); Σ w_i w'_i for a
-        Spectral B with the same eigenvectors."""
+        Spectral B with the same eigenvectors.
+        """
         if isinstance(other, Spectral) and other.vectors is self.vectors:
             return (self.values * other.values).sum()
         dtype = torch.promote_types(self.dtype, other.dtype)

@@ -332,7 +332,8 @@ def _training_part(datasets: list):
 def merge(datasets: list):
     """The cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset: the exactness
     part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
-    runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``."""
+    runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``.
+    """
     import xarray as xr
 
     parts: dict[str, list] = {"exactness": [], "invariance": [], "training": []}
@@ -352,7 +353,8 @@ def merge(datasets: list):
 # ---------------------------------------------------------------------------------------------- claims
 def tuned(ds, method: str) -> tuple[str, float]:
     """(run, value) of ``method``'s tuned run: the lr whose geometric mean over seeds of the final training
-    loss is smallest (a run with a diverged or non-finite seed counts as +inf)."""
+    loss is smallest (a run with a diverged or non-finite seed counts as +inf).
+    """
     import numpy as np
 
     runs = [str(r) for r, m in zip(ds["run"].values, ds["run_method"].values) if str(m) == method]

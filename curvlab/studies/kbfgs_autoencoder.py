@@ -192,7 +192,8 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ shared helpers
 def loss_floor(prob) -> float:
     """The infimum of the problem's loss over network outputs: the mean binary entropy of the targets
-    for ``BCEWithLogitsLoss`` (prediction = target), 0 for cross-entropy on class labels and MSE."""
+    for ``BCEWithLogitsLoss`` (prediction = target), 0 for cross-entropy on class labels and MSE.
+    """
     import torch
 
     if isinstance(prob.loss_fn, torch.nn.BCEWithLogitsLoss):
@@ -292,7 +293,8 @@ def _warm_up(method: str, prob, options: dict[str, Any], batch_size: int) -> Non
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """torch limited to one thread inside (restored after): small matrices gain nothing from more, timings are
-    reproducible, and on a machine shared with other work a thread pool only adds contention."""
+    reproducible, and on a machine shared with other work a thread pool only adds contention.
+    """
     import torch
 
     threads = torch.get_num_threads()
@@ -449,7 +451,8 @@ def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 def _merge(datasets: list) -> Any:
     """Training runs concatenated along ``run`` (method, lr, damping as its coordinates); the checks
-    along ``k3_damping``."""
+    along ``k3_damping``.
+    """
     import numpy as np
     import xarray as xr
 

@@ -117,7 +117,8 @@ def _problem(config: Mapping[str, Any]) -> Problem:
 
 def _attrs(prob: Problem, config: Mapping[str, Any]) -> dict[str, Any]:
     """What every cell records: the curvature batch ``cl.problems.load(problem, n=n, seed=seed)`` and the
-    settings shared by both parts."""
+    settings shared by both parts.
+    """
     return {"problem": prob.name, "n": int(prob.meta["n"]), "seed": int(config["seed"]),
             "loss_function": type(prob.loss_fn).__name__, "batch_size": int(config["batch_size"]),
             "momentum": float(config["momentum"]), "trajectory_lr": float(config["trajectory_lr"])}
@@ -212,7 +213,8 @@ def _cosines(X: Tensor) -> Tensor:
 def directions_at(batch: Problem, dampings: list[float]) -> dict[str, Any]:
     """Every direction's cosines at the batch's θ: ``cosine`` (λ, M, M), ``block_cosine`` (λ, B, M, M),
     ``norm`` (λ, M) as NumPy arrays in the order of ``dampings`` × :data:`DIRECTION_METHODS` × blocks,
-    and the KFAC approximation ``kfac`` (for the damping diagnostics)."""
+    and the KFAC approximation ``kfac`` (for the damping diagnostics).
+    """
     import numpy as np
     import torch
 
@@ -234,7 +236,8 @@ def directions_at(batch: Problem, dampings: list[float]) -> dict[str, Any]:
 
 def damping_diagnostics(K: Any, dampings: list[float]) -> dict[str, Any]:
     """Per λ and layer: shares of eig(A) below λ_A and of eig(G) below λ_G, λ_A/‖A‖₂, λ_G/‖G‖₂ (π-rule),
-    and π_l per layer, as NumPy arrays (λ, block) and (block,)."""
+    and π_l per layer, as NumPy arrays (λ, block) and (block,).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -373,7 +376,8 @@ def _merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 # ---------------------------------------------------------------------------------------------- claims
 def final_loss(train_loss: xr.DataArray) -> xr.DataArray:
     """A run's final training loss: the mean of ``train_loss`` over the last 10 % of its steps (at least
-    one), which smooths the step-to-step oscillation of the momentum methods; NaN if any of them is."""
+    one), which smooths the step-to-step oscillation of the momentum methods; NaN if any of them is.
+    """
     steps = train_loss.sizes["step"] - 1
     return train_loss.isel(step=slice(-max(1, steps // 10), None)).mean("step", skipna=False)
 
@@ -589,7 +593,8 @@ def _training_figure(ds: xr.Dataset) -> Any:
 
 def figures(ds: xr.Dataset) -> dict[str, Any]:
     """The study's figures: ``cosines`` (directions vs λ), ``damping`` (spectral diagnostics, the
-    KFAC → FOOF limit) and ``training`` (best run per method vs step and time), each when its data is there."""
+    KFAC → FOOF limit) and ``training`` (best run per method vs step and time), each when its data is there.
+    """
     out = {}
     if "cosine" in ds:
         out["cosines"] = _cosines_figure(ds)

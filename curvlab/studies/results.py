@@ -90,7 +90,8 @@ def _default_merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 def merge_cells(study: Study, datasets: list[xr.Dataset], cells: Sequence[Mapping[str, Any]]) -> xr.Dataset:
     """The finished cells' Datasets merged (the study's ``merge`` or the default), each cell dimension
-    in the order of first appearance in ``cells`` over the whole grid (failed cells: NaN)."""
+    in the order of first appearance in ``cells`` over the whole grid (failed cells: NaN).
+    """
     from curvlab.studies.store import CELL_ATTRS
 
     datasets = [d.copy(deep=False) for d in datasets]

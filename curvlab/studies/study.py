@@ -220,7 +220,8 @@ class Study:
 
     def grid_of(self, config: Mapping[str, Any]) -> list[Cell]:
         """``cells(config)``, checked: a non-empty list of distinct mappings with the same str keys
-        whose values are JSON scalars (str, int, float, bool)."""
+        whose values are JSON scalars (str, int, float, bool).
+        """
         cells = [dict(c) for c in self.cells(config)]
         if not cells:
             raise ValueError(f"study {self.name}: this configuration has no cells")

@@ -110,7 +110,8 @@ def _block_cos(x: Tensor, y: Tensor) -> float:
 
 def block_measures(batch: Problem, fisher: str, dampings: list[float]) -> dict[str, Any]:
     """Per method and layer: relative Frobenius error, trace ratio, TKFAC's c_l, and the cosines of the
-    damped block updates, as NumPy arrays (method, block), (block,) and (λ, rule, method, block)."""
+    damped block updates, as NumPy arrays (method, block), (block,) and (λ, rule, method, block).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -242,7 +243,8 @@ def _t3(ds: xr.Dataset) -> tuple[float, bool]:
 
 def final_log_losses(ds: xr.Dataset) -> xr.DataArray:
     """log10 of each run's final training loss (the mean over the last 10 % of its steps; train_method,
-    train_seed); +inf for a diverged run."""
+    train_seed); +inf for a diverged run.
+    """
     import numpy as np
 
     from curvlab.studies.kfac_vs_newton import final_loss
@@ -253,7 +255,8 @@ def final_log_losses(ds: xr.Dataset) -> xr.DataArray:
 
 def effect_sizes(ds: xr.Dataset, versus: str) -> tuple[float, float]:
     """(mean over seeds of log10 L(tekfac) − log10 L(versus), that mean / its standard deviation: the
-    paired effect size d_z), from the final training losses (NaN d_z for fewer than 2 seeds)."""
+    paired effect size d_z), from the final training losses (NaN d_z for fewer than 2 seeds).
+    """
     import numpy as np
 
     logs = final_log_losses(ds)
@@ -401,7 +404,8 @@ def _training_figure(ds: xr.Dataset) -> Any:
 
 def figures(ds: xr.Dataset) -> dict[str, Any]:
     """``errors`` (relative Frobenius error per layer over training), ``traces`` (trace ratios and c_l),
-    ``directions`` (cosines of the damped block updates vs λ) and ``training`` (curves over seeds)."""
+    ``directions`` (cosines of the damped block updates vs λ) and ``training`` (curves over seeds).
+    """
     out = {}
     if "relative_error" in ds:
         out.update(errors=_errors_figure(ds), traces=_traces_figure(ds), directions=_directions_figure(ds))

@@ -146,7 +146,8 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ the linear algebra
 def algebra(batch, dampings: list[float], coarse: list[str]) -> dict[str, Any]:
     """The energy errors, cosines and energy gains of KFAC and every coarse space on ``batch`` (see the
-    module docstring): arrays over (damping,) and (damping, coarse), and the coarse columns (coarse,)."""
+    module docstring): arrays over (damping,) and (damping, coarse), and the coarse columns (coarse,).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -253,7 +254,8 @@ def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 def _nest(datasets: list, dims: list[str]) -> Any:
     """The datasets (length-1 ``dims``) concatenated along ``dims``, the last innermost (outer join:
-    θ of problems of different sizes is NaN-padded)."""
+    θ of problems of different sizes is NaN-padded).
+    """
     import xarray as xr
 
     if not dims:
