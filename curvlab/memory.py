@@ -72,7 +72,7 @@ def _from_environment() -> int:
 
 
 def get_budget() -> int:
-    """The current budget in bytes (read from ``CURVLAB_MAX_DENSE_BYTES`` on first use).
+    """Return the current budget in bytes (read from ``CURVLAB_MAX_DENSE_BYTES`` on first use).
 
     Raises ``ValueError`` naming the variable when it holds something that is not a size.
     """

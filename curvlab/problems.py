@@ -141,7 +141,7 @@ REGISTRY: dict[str, Spec] = {
 
 
 def names() -> list[str]:
-    """The canned problem names, in registry order."""
+    """Return the canned problem names, in registry order."""
     return list(REGISTRY)
 
 

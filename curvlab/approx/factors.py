@@ -100,7 +100,7 @@ class KronPiece:
         return self.io.positions
 
     def inputs(self) -> Tensor:
-        """The inputs of this piece, (N, T, d_in): a, [a, 1] or 1."""
+        """Return the inputs of this piece, (N, T, d_in): a, [a, 1] or 1."""
         if self._inputs is None:
             a = self.io.a
             if not self.weight:
@@ -117,7 +117,7 @@ class KronPiece:
         return self.io.g
 
     def input_factor(self, approx: str = "expand") -> Tensor:
-        """A (see the module docstring)."""
+        """Return the input factor a (see the module docstring)."""
         a = self.io.a
         n, t, d = a.shape
         if not self.weight:  # the constant input 1
@@ -222,7 +222,7 @@ class Collection:
     plans: list[BlockPlan]
 
     def exact_block(self, block: Block) -> CurvatureMatrix:
-        """The oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
+        """Return the oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
         return block_from_capture(self.cap, Partition([block])).blocks[0]
 
 
@@ -245,7 +245,7 @@ def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact
 
 
 def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
-    """The options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
+    """Return the options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
     if fisher is not None:
         try:
             fisher_type(fisher)

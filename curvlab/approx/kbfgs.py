@@ -89,7 +89,7 @@ def _check_pair(s: Tensor, y: Tensor, dim: int | None = None) -> None:
 
 
 def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
-    """The BFGS update of an inverse-Hessian approximation: H⁺ = (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ.
+    """Return the BFGS update of an inverse-Hessian approximation: H⁺ = (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ.
 
     ρ = 1/sᵀy. Computed in O(d²) as H + (ρ + ρ² yᵀHy) ssᵀ − ρ(Hy sᵀ + s (Hy)ᵀ) and symmetrised, so
     the result is exactly symmetric; it satisfies the secant equation H⁺y = s and is positive
@@ -333,7 +333,7 @@ class KBFGSLayerState:
 
     # -- layout --------------------------------------------------------------------------------
     def to_matrix(self, v: Tensor) -> Tensor:
-        """This layer's slice of a flat parameter-order vector → the d_out × d_in matrix [W b]."""
+        """Reshape this layer's slice of a flat parameter-order vector into the d_out × d_in matrix [W b]."""
         if v.shape != (self.stop - self.start,):
             raise ValueError(f"layer {self.name!r} takes a vector of length {self.stop - self.start}; "
                              f"got shape {tuple(v.shape)}")
@@ -343,15 +343,16 @@ class KBFGSLayerState:
         return torch.cat([v[:w].reshape(self.d_out, self.d_in - 1), v[w:, None]], dim=1)
 
     def from_matrix(self, X: Tensor) -> Tensor:
-        """The d_out × d_in matrix [W b] → flat parameter order (weight row-major, then bias)."""
+        """Flatten the d_out × d_in matrix [W b] into parameter order (weight row-major, then bias)."""
         if not self.has_bias:
             return X.reshape(-1)
         return torch.cat([X[:, :-1].reshape(-1), X[:, -1]])
 
     # -- input side ------------------------------------------------------------------------------
     def observe(self, A_batch: Tensor, decay: float, damping: float) -> None:
-        """A ← A_batch at the first call, else βA + (1 − β)A_batch; A_LM = A + √λI; at the first
-        call H_a = A_LM⁻¹ (the only explicit inverse).
+        """Update the input factor: A ← A_batch at the first call, else βA + (1 − β)A_batch.
+
+        A_LM = A + √λI; at the first call H_a = A_LM⁻¹ (the only explicit inverse).
         """
         if A_batch.shape != (self.d_in, self.d_in):
             raise ValueError(f"layer {self.name!r}: the input factor must be {self.d_in}×{self.d_in}; got "
@@ -629,7 +630,7 @@ class KBFGS:
             layer.observe(A, self.input_decay, self.damping)
 
     def precondition(self, grad: Tensor) -> Tensor:
-        """The K-BFGS direction −H_g D̄ H_a per layer for a flat (momentum) gradient (P,), flat (P,)."""
+        """Return the K-BFGS direction −H_g D̄ H_a per layer for a flat (momentum) gradient (P,), flat (P,)."""
         if not isinstance(grad, Tensor) or grad.shape != (self.num_params,):
             raise ValueError(f"grad must be a flat tensor of shape ({self.num_params},); got "
                              f"{tuple(getattr(grad, 'shape', ()))}")
@@ -640,8 +641,9 @@ class KBFGS:
         return out
 
     def update_from_step(self, before: KBFGSStatistics, after: KBFGSStatistics) -> dict[str, DampedPair]:
-        """The updates after a step, from the statistics of the *same* minibatch before and after it:
-        per layer, H_g from (z̄ − z̄⁺, ḡ − ḡ⁺) (EMA, double damping, skip rule), then the
+        """Update after a step, from the statistics of the *same* minibatch before and after it.
+
+        Per layer, H_g from (z̄ − z̄⁺, ḡ − ḡ⁺) (EMA, double damping, skip rule), then the
         Hessian-action update of H_a with the batch's h̄ (before). Returns the damped pairs by layer.
         """
         self._check_stats(before, "before")
@@ -678,7 +680,7 @@ class KBFGS:
         return opts
 
     def curvature(self) -> Approximation:
-        """The curvature the state stands for, aligned with ``prob.partition`` (``structure="quasi_newton"``).
+        """Return the curvature the state stands for, aligned with ``prob.partition`` (``structure="quasi_newton"``).
 
         One ``Kron(A = H_a⁻¹, G = H_g⁻¹, bias folded)`` per layer (a nested Approximation when a block
         holds several layers), so ``direction(g, 0)`` = −``solve(g, 0)`` = :meth:`precondition` (g):

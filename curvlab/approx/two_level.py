@@ -157,7 +157,7 @@ def _tselepidis_matrix(prob: Problem, col, Z: Tensor, owner_slices: list[slice])
 
 
 def _folded(piece, v: Tensor) -> Tensor:
-    """A piece's column in its folded (p, q) layout."""
+    """Return a piece's column in its folded (p, q) layout."""
     from curvlab.linalg.layout import KronLayout
 
     return KronLayout(piece.d_out, piece.d_in, piece.folded).to_mats(v[:, None])[0]
@@ -278,7 +278,7 @@ class TwoLevel(CurvatureMatrix):
         return fine_solve(self.kfac, V, lam, self.fine_rule) + self.basis @ self._coarse_solve(self.basis.T @ V, lam)
 
     def direction(self, g: Tensor, damping: Damping = 0.0, mode: str = "additive") -> Tensor:
-        """The update: the paper's additive two-level step by default (``mode="exact"``: −(M₂ + λI)⁻¹g)."""
+        """Return the update: the paper's additive two-level step by default (``mode="exact"``: −(M₂ + λI)⁻¹g)."""
         return super().direction(g, damping, mode)
 
     # ---------------------------------------------------------------------------- diagnostics

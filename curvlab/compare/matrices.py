@@ -77,7 +77,7 @@ def _check_pair(A: CurvatureMatrix, B: CurvatureMatrix) -> None:
 
 
 def restrict(C: CurvatureMatrix, s: slice) -> CurvatureMatrix:
-    """The principal submatrix C[s, s] (``C.restrict(s)``: in C's structure, cached on C)."""
+    """Return the principal submatrix C[s, s] (``C.restrict(s)``: in C's structure, cached on C)."""
     if not isinstance(C, CurvatureMatrix):
         raise TypeError(f"C must be a curvlab CurvatureMatrix; got {type(C).__name__}")
     return C.restrict(s)
@@ -85,7 +85,7 @@ def restrict(C: CurvatureMatrix, s: slice) -> CurvatureMatrix:
 
 def partition_of(A: CurvatureMatrix, B: CurvatureMatrix | None = None,
                  blocks: BlockSpec | None = None) -> list[tuple[str, slice]]:
-    """The blocks a comparison reports: ``blocks`` if given, else A's, else B's (one block "all")."""
+    """Return the blocks a comparison reports: ``blocks`` if given, else A's, else B's (one block "all")."""
     if blocks is not None:
         out = [(str(n), s) for n, s in blocks]
     elif len(A.blocks) > 1 or B is None:

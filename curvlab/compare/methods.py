@@ -83,7 +83,7 @@ _LOW_RANK = ("low_rank", "block_low_rank")
 
 
 def _read_off(structure: str, full: Any, prob: Problem) -> CurvatureMatrix | None:
-    """A block, diagonal or block-low-rank matrix read off a cached full one (None: nothing to read)."""
+    """Return a block, diagonal or block-low-rank matrix read off a cached full one (None: nothing to read)."""
     if structure == "diag" and isinstance(full, Dense):
         return Diagonal(full.matrix.diagonal().clone())
     if structure == "block" and isinstance(full, Dense):
@@ -115,7 +115,7 @@ def _exact_builder(alias: str, structure: str) -> Builder:
 
 
 def low_rank_variant(name: str) -> str | None:
-    """The low-rank registry name of an exact Fisher-type method (``ggn`` → ``ggn-low-rank``, ``ef-block``
+    """Return the low-rank registry name of an exact Fisher-type method (``ggn`` → ``ggn-low-rank``, ``ef-block``
     → ``ef-block-low-rank``), or None for every other method.
     """
     s = spec(name)
@@ -267,7 +267,7 @@ def names() -> list[str]:
 
 
 def canonical(name: str) -> str:
-    """The registered name for ``name`` or one of its :data:`ALIASES`; raises ValueError for unknown names."""
+    """Return the registered name for ``name`` or one of its :data:`ALIASES`; raises ValueError for unknown names."""
     if not isinstance(name, str):
         raise TypeError(f"a method name must be a string; got {type(name).__name__}")
     key = name.strip().lower()
@@ -278,7 +278,7 @@ def canonical(name: str) -> str:
 
 
 def spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` of a method name."""
+    """Return the :class:`MethodSpec` of a method name."""
     return REGISTRY[canonical(name)]
 
 

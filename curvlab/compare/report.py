@@ -125,7 +125,7 @@ def _versions() -> dict[str, str]:
 
 
 def _attr(v: Any) -> str | int | float:
-    """A netCDF-safe attribute value (plain str, int or float)."""
+    """Return a netCDF-safe attribute value (plain str, int or float)."""
     if isinstance(v, (bool, np.bool_)):
         return int(v)
     if isinstance(v, str):
@@ -254,7 +254,7 @@ class _Setup:
         return None if name in self.custom else _methods.spec(name)
 
     def mode_of(self, name: str) -> str:
-        """The damping rule of a method's directions (registry "own" follows damping_rule)."""
+        """Return the damping rule of a method's directions (registry "own" follows damping_rule)."""
         s = self.spec_of(name)
         if s is None:
             return "exact"
@@ -263,7 +263,7 @@ class _Setup:
         return s.mode
 
     def empty(self, *dims: str) -> xr.DataArray:
-        """A NaN array with the named dimensions and their coordinates, to be filled by label."""
+        """Return a NaN array with the named dimensions and their coordinates, to be filled by label."""
         values = {"reference": lambda: self.refs, "block": lambda: self.block_names, "damping": lambda: self.dampings,
                   "top": lambda: np.arange(1, self.k + 1), "factor": lambda: ["A", "G"],
                   "eig": lambda: np.arange(self.P), "method": lambda: self.order, "versus": lambda: self.order}
@@ -286,7 +286,7 @@ class _Progress:
         self.started = False
 
     def stage(self, msg: str) -> None:
-        """The previous stage is done; ``msg`` starts."""
+        """Mark the previous stage done and start stage ``msg``."""
         if self.bar is not None:
             if self.started:
                 self.bar.update(1)
@@ -373,7 +373,7 @@ def _kind_of(entry: str | None) -> str:
 
 
 def _twin_bytes(s: _Setup, entries: Mapping[str, str | None], m: str) -> int:
-    """The transient dense twin of a low-rank matrix compared with another structure while method m is processed."""
+    """Return the bytes of the transient dense twin of a low-rank matrix compared with another structure (method m)."""
     kinds = {_kind_of(entries[a]) for a in s.anchors}
     mine = _kind_of(entries[m])
     if (mine == "other" and "low" in kinds) or (mine == "low" and "other" in kinds):
@@ -392,7 +392,7 @@ def _needed_later(s: _Setup, entries: Mapping[str, str | None], pending: Sequenc
 
 
 def _peak(s: _Setup, entries: Mapping[str, str | None]) -> tuple[int, dict[str, int]]:
-    """The most bytes held at once when the methods are processed in order and released when done."""
+    """Return the most bytes held at once when the methods are processed in order and released when done."""
     foot = {n: _footprint(s, e) for n, e in entries.items()}
     anchors = s.anchors
     peak = sum(foot[a][0] for a in anchors) + max([foot[a][1] for a in anchors] or [0])
@@ -465,7 +465,7 @@ class _Builds:
         self.skipped: list[str] = []
 
     def get(self, name: str) -> Any | None:
-        """The method's matrix or direction callable (None: it failed and is skipped)."""
+        """Return the method's matrix or direction callable (None: it failed and is skipped)."""
         if name not in self.built:
             obj = self._build(name)
             if obj is None:
@@ -509,7 +509,7 @@ class _Builds:
                 b.eigh()
 
     def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
-        """The operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
+        """Return the operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
         low-rank is replaced by its dense twin when the other one is of a structure without a shortcut for
         low-rank operands (full, block, Kronecker …; see :meth:`twin`).
         """
@@ -521,7 +521,7 @@ class _Builds:
         return C, B
 
     def twin(self, name: str) -> CurvatureMatrix | None:
-        """The oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
+        """Return the oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
 
         ⟨A, s·UᵀU⟩ with a matrix A of another structure goes through products of A with the r rows of U
         (for a dense A 2·P²·r flops, r = N·C), and ‖A − s·UᵀU‖ through that again; the oracle builds the
@@ -636,7 +636,7 @@ def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix |
 
 
 def _blockwise_values(value: Any, names: Sequence[str]) -> list[float]:
-    """A comparator's Blockwise result in the order of ``names`` ('all', then the blocks)."""
+    """Return a comparator's Blockwise result in the order of ``names`` ('all', then the blocks)."""
     return [float(value.total) if n == "all" else float(value.blocks.get(n, value.total)) for n in names]
 
 
@@ -727,7 +727,7 @@ def _factor_table(s: _Setup, C: CurvatureMatrix | None, mode: str) -> xr.Dataset
 
 
 def _factor_mode(s: _Setup, name: str, C: Any) -> str:
-    """The factored split (λ_A, λ_G) a method's factors see: its own rule if factored, else π."""
+    """Return the factored split (λ_A, λ_G) a method's factors see: its own rule if factored, else π."""
     m = s.mode_of(name)
     if m == "own":
         m = getattr(C, "own_mode", "exact")
@@ -813,7 +813,7 @@ def _scalar_table(s: _Setup, builds: _Builds, loss0: float, g: Tensor) -> xr.Dat
 
 
 def _stack(rows: Mapping[str, xr.Dataset], order: Sequence[str]) -> xr.Dataset:
-    """The per-method tables along a new ``method`` dimension, in ``order``."""
+    """Return the per-method tables along a new ``method`` dimension, in ``order``."""
     return xr.concat([rows[m].expand_dims(method=[m]) for m in order], dim="method", coords="minimal",
                      join="exact")
 
@@ -919,7 +919,7 @@ def _run(s: _Setup, plan: _Plan, bar: _Progress, skip_unavailable: bool) -> xr.D
 
 
 def _coordinates(s: _Setup, builds: _Builds) -> dict[str, xr.Variable]:
-    """The dimension coordinates and the per-method / per-block labels, with descriptions."""
+    """Return the dimension coordinates and the per-method / per-block labels, with descriptions."""
 
     def per_method(field_: str, default: str) -> np.ndarray:
         return np.array([getattr(s.spec_of(m), field_) if s.spec_of(m) is not None else default for m in s.order],
@@ -979,7 +979,7 @@ def _attributes(s: _Setup, plan: _Plan, builds: _Builds, have_ggn: bool) -> dict
 
 
 def _assemble(s: _Setup, plan: _Plan, builds: _Builds, merged: xr.Dataset, have_ggn: bool) -> xr.Dataset:
-    """The final Dataset: float64 variables with units and descriptions, coordinates, attributes."""
+    """Return the final Dataset: float64 variables with units and descriptions, coordinates, attributes."""
     data_vars = {name: xr.Variable(merged[name].dims, np.asarray(merged[name].values, dtype=np.float64),
                                    attrs={"units": VARIABLES[name][0], "description": VARIABLES[name][1]})
                  for name in VARIABLES if name in merged}
@@ -1078,7 +1078,10 @@ INDEFINITE_MARK = " *"
 
 
 def not_positive_definite(ds: xr.Dataset, damping: float) -> list[str]:
-    """The methods whose C + λI is not positive definite at ``damping`` (empty for reports without the variable)."""
+    """Return the methods whose C + λI is not positive definite at ``damping``.
+
+    Empty for reports without the variable.
+    """
     if "positive_definite" not in ds:
         return []
     pd = ds["positive_definite"].sel({"damping": damping}).values
@@ -1086,7 +1089,7 @@ def not_positive_definite(ds: xr.Dataset, damping: float) -> list[str]:
 
 
 def _marked(ds: xr.Dataset, damping: float) -> list[str]:
-    """The method names, those with C + λI not positive definite at ``damping`` marked."""
+    """Return the method names, those with C + λI not positive definite at ``damping`` marked."""
     bad = set(not_positive_definite(ds, damping))
     return [str(m) + (INDEFINITE_MARK if str(m) in bad else "") for m in ds.method.values]
 
@@ -1118,7 +1121,7 @@ def _definiteness_table(ds: xr.Dataset, damping: float) -> str:
 
 def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
                    damping: float | None) -> tuple[list[str], float]:
-    """The references (default: all of them) and the damping (default: the middle one) to format."""
+    """Return the references (default: all of them) and the damping (default: the middle one) to format."""
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"expected the xarray.Dataset of curvlab.compare.report; got {type(ds).__name__}")
     missing = [v for v in ("cosine", "relative_error", "direction_cosine", "step_norm", "loss") if v not in ds]
@@ -1140,7 +1143,7 @@ def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
 
 
 def format_report(ds: xr.Dataset, reference: str | Sequence[str] | None = None, damping: float | None = None) -> str:
-    """The report as text: matrix agreement per block, definiteness, direction agreement and step quality.
+    """Return the report as text: matrix agreement per block, definiteness, direction agreement and step quality.
 
     ``reference``: one reference or several (default: every reference of the report, a matrix
     table and a step-quality table for each); ``damping``: one of the report's dampings (default:

@@ -149,7 +149,7 @@ class _Plan:
         return KronLayout(d_out, (L.stop - L.start) // d_out, L.bias is not None)
 
     def covering(self, b) -> list[str] | None:
-        """The verified layers that make up partition block b exactly (θ order), or None."""
+        """Return the verified layers that make up partition block b exactly (θ order), or None."""
         inside = [n for n, L in self.layers.items() if L.start >= b.slice.start and L.stop <= b.slice.stop]
         if sum(self.layers[n].stop - self.layers[n].start for n in inside) != b.size:
             return None

@@ -75,7 +75,7 @@ __all__ = ["single_use_linear_layers", "LayerCurvature", "layer_curvature", "pai
 
 
 def single_use_linear_layers(prob: Problem, theta: Tensor | None = None) -> dict[str, nn.Linear]:
-    """The verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in)
+    """Return the verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in)
     inputs — the layers whose Hessian blocks :func:`pair_block` computes. ``theta`` is accepted for
     compatibility; the survey is structural and cached on the problem.
     """
@@ -93,7 +93,7 @@ class LayerCurvature:
         self.delta, self.acts, self.xi, self.psi, self.has_bias = delta, acts, xi, psi, has_bias
 
     def layout(self, name: str) -> KronLayout:
-        """The folded layout [W b] of layer ``name``."""
+        """Return the folded layout [W b] of layer ``name``."""
         return KronLayout.of_layer(self.d_out[name], self.acts[name].shape[1], self.has_bias[name])
 
     def abar(self, name: str) -> Tensor:
@@ -331,7 +331,7 @@ def _params(prob: Problem, theta: Tensor) -> dict[str, Tensor]:
 
 
 def layer_sites(prob: Problem, theta: Tensor | None = None, names: list[str] | None = None) -> dict[str, Site]:
-    """The :class:`Site` of every verified layer (or of ``names``) at θ, in firing order.
+    """Return the :class:`Site` of every verified layer (or of ``names``) at θ, in firing order.
 
     One gradient of L with respect to perturbations ε added to every layer's output gives δ; the
     layers' inputs are recorded on the way.

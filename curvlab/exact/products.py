@@ -41,7 +41,7 @@ __all__ = ["hvp", "ggn_vp", "ef_vp", "fisher_mc_vp", "operator", "jvp_path", "hv
 
 
 def _checked(prob: Problem, theta: Tensor | None) -> Tensor:
-    """The parameter vector to evaluate at (``prob.theta`` for None), after checking the arguments."""
+    """Return the parameter vector to evaluate at (``prob.theta`` for None), after checking the arguments."""
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     return prob.check_theta(theta)
@@ -127,7 +127,7 @@ def _hvp_fn(prob: Problem, theta: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def _explicit_jacobian(prob: Problem, theta: Tensor) -> Tensor:
-    """The per-sample output Jacobians as rows, (D, N, P) with D = outputs per sample."""
+    """Return the per-sample output Jacobians as rows, (D, N, P) with D = outputs per sample."""
     d = prob.num_outputs
     memory.check((d, prob.num_samples, prob.num_params), prob.dtype, "the per-sample Jacobians (reverse-mode J v)",
                  "the model has neither forward-mode derivatives nor double backward "
@@ -192,7 +192,7 @@ def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], 
 
 def _fisher_apply(prob: Problem, theta: Tensor, kind: str, samples: int = 1, seed: int = 0,
                   per: str = "sample") -> Callable[[Tensor, Tensor], Tensor]:
-    """The output-space action of a Fisher-type kind: Λ J v with Λ = Σ_k u_k u_kᵀ per sample for the
+    """Return the output-space action of a Fisher-type kind: Λ J v with Λ = Σ_k u_k u_kᵀ per sample for the
     (unscaled: R is applied once, in :func:`_output_space_fn`) cotangents of ``capture.output_cotangents``.
     """
     if kind == "ggn":
@@ -237,7 +237,7 @@ def fisher_mc_vp(prob: Problem, V: Tensor, samples: int = 1, seed: int = 0, thet
 
 def operator(prob: Problem, kind: str, theta: Tensor | None = None, samples: int = 1, seed: int = 0,
              chunk: int = 64, per: str = "sample") -> MatrixFree:
-    """The exact curvature ``kind`` as a matrix-free CurvatureMatrix (products only)."""
+    """Return the exact curvature ``kind`` as a matrix-free CurvatureMatrix (products only)."""
     theta = _checked(prob, theta)
     if kind == "hessian":
         fn = _hvp_fn(prob, theta)

@@ -76,7 +76,7 @@ class BlockDiagonal(CurvatureMatrix):
         return self._names
 
     def block(self, name: str) -> CurvatureMatrix:
-        """The block called ``name``."""
+        """Return the block called ``name``."""
         try:
             return self._blocks[self._names.index(name)]
         except ValueError:
@@ -197,7 +197,7 @@ class BlockDiagonal(CurvatureMatrix):
         return pieces[0] if len(pieces) == 1 else BlockDiagonal(pieces, names)
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The top k of every block, merged."""
+        """Return the top k of every block, merged."""
         values, owners, parts = [], [], []
         for b, s in zip(self._blocks, self._slices):
             wb, Qb = b.top_eigen(min(k, b.size))

@@ -57,7 +57,7 @@ DAMPING_MODES = ("exact", "factored", "pi", "trace")
 
 
 def factor_damping(mode: str, damping: Damping, eig_A: Tensor, eig_G: Tensor) -> tuple[float, float]:
-    """The factor dampings (λ_A, λ_G) of a factored ``mode`` (see the module docstring).
+    """Return the factor dampings (λ_A, λ_G) of a factored ``mode`` (see the module docstring).
 
     ``"factored"`` takes a scalar λ (λ_A = λ_G = √λ) or a pair (λ_A, λ_G); ``"pi"`` and ``"trace"`` take
     a scalar λ ≥ 0. ``eig_A`` and ``eig_G`` are the eigenvalues of the input and output factors (only
@@ -201,7 +201,7 @@ class EigenKron(KroneckerFactored):
         return self.S + dG * eA[None, :] + dA * eG[:, None] + dA * dG
 
     def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
-        """The damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
+        """Return the damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
         key = ("denominators", mode, damping if not isinstance(damping, list) else tuple(damping))
         if key in self._cache:
             return self._cache[key]
@@ -291,7 +291,7 @@ class EigenKron(KroneckerFactored):
         return None
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The k largest S_ij with eigenvectors q^G_i ⊗ q^A_j (only k columns are formed)."""
+        """Return the k largest S_ij with eigenvectors q^G_i ⊗ q^A_j (only k columns are formed)."""
         w, idx = torch.topk(self.S.reshape(-1), k)
         i, j = idx // self.q, idx % self.q
         V = (self.Q_G[:, i][:, None, :] * self.Q_A[:, j][None, :, :]).reshape(self.p * self.q, k)  # folded
@@ -340,7 +340,7 @@ class Kron(KroneckerFactored):
         return self._cache["factors"]
 
     def eigen(self) -> EigenKron:
-        """The same matrix as an :class:`EigenKron`: basis Q_A ⊗ Q_G, S = λ_G λ_Aᵀ (cached)."""
+        """Return the same matrix as an :class:`EigenKron`: basis Q_A ⊗ Q_G, S = λ_G λ_Aᵀ (cached)."""
         if "eigen" not in self._cache:
             (eA, QA), (eG, QG) = self.factor_eigh()
             self._cache["eigen"] = EigenKron(QA, QG, eG[:, None] * eA[None, :], self.bias, (eA, eG))

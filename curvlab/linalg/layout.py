@@ -47,7 +47,7 @@ class KronLayout:
 
     @classmethod
     def of_layer(cls, d_out: int, d_in: int, bias: bool) -> KronLayout:
-        """The layout of a layer with ``d_in`` inputs and ``d_out`` outputs (bias column added if any)."""
+        """Return the layout of a layer with ``d_in`` inputs and ``d_out`` outputs (bias column added if any)."""
         return cls(d_out, d_in + (1 if bias else 0), bias)
 
     @property
@@ -89,14 +89,14 @@ class KronLayout:
         return torch.argsort(self.perm(device))
 
     def to_param_order(self, M: Tensor) -> Tensor:
-        """A folded-order square matrix (p·q × p·q) in parameter order (rows and columns permuted)."""
+        """Return a folded-order square matrix (p·q × p·q) in parameter order (rows and columns permuted)."""
         if not self.bias:
             return M
         p = self.perm(M.device)
         return M[p][:, p]
 
     def to_folded_order(self, M: Tensor) -> Tensor:
-        """A parameter-order square matrix in the folded order."""
+        """Return a parameter-order square matrix in the folded order."""
         if not self.bias:
             return M
         s = self.inverse_perm(M.device)

@@ -116,14 +116,14 @@ class Factor:
         return self._cache["gram"]
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
-        """The eigendecomposition of :meth:`gram`, eigenvalues descending; cached."""
+        """Return the eigendecomposition of :meth:`gram`, eigenvalues descending; cached."""
         if "gram_eigh" not in self._cache:
             w, V = torch.linalg.eigh(self.gram())
             self._cache["gram_eigh"] = (w.flip(0), V.flip(1))
         return self._cache["gram_eigh"]
 
     def gram_eigvalsh(self) -> Tensor:
-        """The eigenvalues of :meth:`gram`, descending (without eigenvectors unless they are cached)."""
+        """Return the eigenvalues of :meth:`gram`, descending (without eigenvectors unless they are cached)."""
         if "gram_eigh" in self._cache:
             return self._cache["gram_eigh"][0]
         if "gram_eigvalsh" not in self._cache:
@@ -521,7 +521,7 @@ class LowRank(CurvatureMatrix):
 
     # ---------------------------------------------------------------- the Gram spectrum
     def _sigma(self) -> Tensor:
-        """The numerically nonzero Gram eigenvalues σ_i > rtol·σ_max, descending."""
+        """Return the numerically nonzero Gram eigenvalues σ_i > rtol·σ_max, descending."""
         if "sigma" not in self._cache:
             w = self.factor.gram_eigvalsh()
             if self.scale == 0 or w.numel() == 0 or float(w[0]) <= 0:
@@ -544,7 +544,7 @@ class LowRank(CurvatureMatrix):
         return int(self._sigma().numel())
 
     def _constant(self, m: int) -> Tensor:
-        """The eigenvalue c = shift, m times."""
+        """Return the eigenvalue c = shift, m times."""
         return torch.full((m,), self.shift, dtype=self.dtype, device=self.device)
 
     def _vectors(self, sigma: Tensor, V: Tensor) -> Tensor:
@@ -597,7 +597,7 @@ class LowRank(CurvatureMatrix):
         return P < r and memory.nbytes((r + P, P), self.dtype) <= memory.get_budget()
 
     def _core(self, mu: float) -> tuple[str, Tensor, Tensor | None]:
-        """A factorisation for the damping: ("primal", chol(sUᵀU + μI_P), None) when P < r, else
+        """Return a factorisation for the damping: ("primal", chol(sUᵀU + μI_P), None) when P < r, else
         ("cholesky", chol(sG + μI_r), None), or ("eigh", d, V) with d = sσ + μ if that is not definite.
         """
         key = ("core", mu)
@@ -698,7 +698,7 @@ class LowRank(CurvatureMatrix):
         return X
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The k largest eigenpairs, eigenvalues descending, eigenvectors (P, k)."""
+        """Return the k largest eigenpairs, eigenvalues descending, eigenvectors (P, k)."""
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.size:
             raise ValueError(f"k must be an integer in [0, {self.size}]; got {k!r}")
         sigma, Vg = self._spectrum()

@@ -229,7 +229,7 @@ class Rescaled(nn.Module):
 
 
 def _flat_theta(model: nn.Module) -> torch.Tensor:
-    """The flat θ of ``model`` in θ-coordinates (a :class:`Rescaled` first layer's weight times α)."""
+    """Return the flat θ of ``model`` in θ-coordinates (a :class:`Rescaled` first layer's weight times α)."""
     first = model[0]
     w = first.weight.detach() * getattr(first, "alpha", 1.0)
     return torch.cat([w.reshape(-1), *[p.detach().reshape(-1) for p in list(model.parameters())[1:]]])
@@ -330,7 +330,7 @@ def _training_part(datasets: list):
 
 
 def merge(datasets: list):
-    """The cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset: the exactness
+    """Return the cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset: the exactness
     part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
     runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``.
     """
@@ -547,7 +547,7 @@ def _tuning_figure(ds):
 
 
 def figures(ds) -> dict:
-    """The study's figures: exactness, subset-lr, invariance, training, tuning (each when its part is there)."""
+    """Return the study's figures: exactness, subset-lr, invariance, training, tuning (each when its part is there)."""
     out = {}
     if "hbar_error" in ds:
         out["exactness"] = _exactness_figure(ds)

@@ -136,13 +136,13 @@ def total_steps(config: Mapping[str, Any]) -> int:
 
 
 def checkpoint_steps(config: Mapping[str, Any]) -> list[int]:
-    """The analysed steps: each of ``checkpoint_epochs`` and the last step."""
+    """Return the analysed steps: each of ``checkpoint_epochs`` and the last step."""
     per = steps_per_epoch(config)
     return sorted({e * per for e in config["checkpoint_epochs"]} | {total_steps(config)})
 
 
 def method_options(method: str, lr: float, damping: float, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of :func:`curvlab.optim.make` for one run (see the module docstring)."""
+    """Return the options of :func:`curvlab.optim.make` for one run (see the module docstring)."""
     common = {"lr": lr, "weight_decay": config["weight_decay"]}
     if method == "kbfgs":
         return {**common, "damping": damping}
@@ -191,7 +191,7 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ shared helpers
 def loss_floor(prob) -> float:
-    """The infimum of the problem's loss over network outputs: the mean binary entropy of the targets
+    """Return the infimum of the problem's loss over network outputs: the mean binary entropy of the targets
     for ``BCEWithLogitsLoss`` (prediction = target), 0 for cross-entropy on class labels and MSE.
     """
     import torch
@@ -441,7 +441,7 @@ def _k3_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 
 def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
-    """A training run (``part="train"``) or the Hessian-action check at one λ (``part="k3"``)."""
+    """Return a training run (``part="train"``) or the Hessian-action check at one λ (``part="k3"``)."""
     with one_thread():
         ds = _train_cell(cell, config) if cell["part"] == "train" else _k3_cell(cell, config)
     ds.attrs.update(problem=config["problem"], n=int(config["curvature_n"]), seed=int(config["seed"]),
@@ -543,7 +543,7 @@ def _k2(ds) -> tuple[float, bool]:
 
 
 def _last_counts(ds, run: int):
-    """The run's double-damping counters (layer, counter) at its last recorded checkpoint (NaN if none)."""
+    """Return the run's double-damping counters (layer, counter) at its last recorded checkpoint (NaN if none)."""
     import numpy as np
 
     counts = ds["dd_count"].isel(run=run).values

@@ -375,7 +375,7 @@ def _merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 # ---------------------------------------------------------------------------------------------- claims
 def final_loss(train_loss: xr.DataArray) -> xr.DataArray:
-    """A run's final training loss: the mean of ``train_loss`` over the last 10 % of its steps (at least
+    """Return a run's final training loss: the mean of ``train_loss`` over the last 10 % of its steps (at least
     one), which smooths the step-to-step oscillation of the momentum methods; NaN if any of them is.
     """
     steps = train_loss.sizes["step"] - 1
@@ -391,7 +391,7 @@ def _final_losses(ds: xr.Dataset) -> xr.DataArray:
 
 
 def best_runs(ds: xr.Dataset) -> dict[str, str | None]:
-    """The run (label) of each training method with the lowest final training loss (None: all diverged)."""
+    """Return the run (label) of each training method with the lowest final training loss (None: all diverged)."""
     final = _final_losses(ds)
     out: dict[str, str | None] = {}
     for method in dict.fromkeys(str(m) for m in ds["train_method"].values):
@@ -402,7 +402,7 @@ def best_runs(ds: xr.Dataset) -> dict[str, str | None]:
 
 
 def _best_loss(ds: xr.Dataset, method: str) -> float:
-    """The best final training loss of ``method`` over its grid (+inf: every run diverged)."""
+    """Return the best final training loss of ``method`` over its grid (+inf: every run diverged)."""
     final = _final_losses(ds).where(ds["train_method"] == method, drop=True)
     if final.size == 0:
         raise ValueError(f"the Dataset has no training run of {method!r}")
@@ -592,7 +592,7 @@ def _training_figure(ds: xr.Dataset) -> Any:
 
 
 def figures(ds: xr.Dataset) -> dict[str, Any]:
-    """The study's figures: ``cosines`` (directions vs λ), ``damping`` (spectral diagnostics, the
+    """Return the study's figures: ``cosines`` (directions vs λ), ``damping`` (spectral diagnostics, the
     KFAC → FOOF limit) and ``training`` (best run per method vs step and time), each when its data is there.
     """
     out = {}

@@ -150,7 +150,7 @@ class CellStore:
         return self.folder / f"cell-{key}.nc"
 
     def load_finished(self, keys: Iterable[str] | None = None) -> dict[str, xr.Dataset]:
-        """The cells (of ``keys``, default all) whose files load and belong to this configuration;
+        """Return the cells (of ``keys``, default all) whose files load and belong to this configuration;
         an unreadable or foreign cell file is removed (the cell is computed again).
         """
         from curvlab.compare.report import load

@@ -86,7 +86,7 @@ def _attrs(prob: Problem, config: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- approximation
 def exact_blocks(batch: Problem, fisher: str) -> Any:
-    """The exact diagonal blocks of the GGN or the empirical Fisher (``structure="block"``)."""
+    """Return the exact diagonal blocks of the GGN or the empirical Fisher (``structure="block"``)."""
     import curvlab as cl
 
     if fisher == "ggn":

@@ -97,7 +97,7 @@ def total_steps(config: Mapping[str, Any]) -> int:
 
 
 def training_options(problem: str, method: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of :func:`curvlab.optim.make` of one training run (see the module docstring)."""
+    """Return the options of :func:`curvlab.optim.make` of one training run (see the module docstring)."""
     hyper = config["hyper"][problem]
     if method in ("sgd", "adam"):
         return {"lr": hyper[method]["lr"], **({"momentum": 0.9} if method == "sgd" else {})}
@@ -145,7 +145,7 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ the linear algebra
 def algebra(batch, dampings: list[float], coarse: list[str]) -> dict[str, Any]:
-    """The energy errors, cosines and energy gains of KFAC and every coarse space on ``batch`` (see the
+    """Return the energy errors, cosines and energy gains of KFAC and every coarse space on ``batch`` (see the
     module docstring): arrays over (damping,) and (damping, coarse), and the coarse columns (coarse,).
     """
     import numpy as np
@@ -253,7 +253,7 @@ def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 
 def _nest(datasets: list, dims: list[str]) -> Any:
-    """The datasets (length-1 ``dims``) concatenated along ``dims``, the last innermost (outer join:
+    """Return the datasets (length-1 ``dims``) concatenated along ``dims``, the last innermost (outer join:
     θ of problems of different sizes is NaN-padded).
     """
     import xarray as xr
