@@ -164,7 +164,7 @@ class CurvatureMatrix:
         raise NotImplementedError
 
     def frobenius_norm(self) -> Tensor:
-        """‖C‖_F."""
+        """Return the Frobenius norm ‖C‖_F."""
         raise NotImplementedError
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -208,6 +208,7 @@ class CurvatureMatrix:
     # ------------------------------------------------------------------ structure
     @property
     def shape(self) -> tuple[int, int]:
+        """(P, P)."""
         return (self.size, self.size)
 
     @property
@@ -222,6 +223,7 @@ class CurvatureMatrix:
 
     @property
     def block_names(self) -> tuple[str, ...]:
+        """The name of each of :attr:`blocks` (``("all",)`` for one block)."""
         return ("all",)
 
     @property
@@ -263,6 +265,7 @@ class CurvatureMatrix:
         return out[:, 0] if one else out
 
     def matvec(self, v: Tensor) -> Tensor:
+        """Return C v (the same as ``C @ v``)."""
         return self @ v
 
     def solve(self, v: Tensor, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
@@ -285,7 +288,7 @@ class CurvatureMatrix:
         return self._inverse(damping) if mode == "exact" else self._inverse_mode(damping, mode)
 
     def logdet(self, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """log det of the damped matrix; raises if it is not positive definite."""
+        """Return log det of the damped matrix; raise if it is not positive definite."""
         damping, mode = self._damped(damping, mode)
         return self._logdet(damping) if mode == "exact" else self._logdet_mode(damping, mode)
 
@@ -352,10 +355,11 @@ class CurvatureMatrix:
         return self @ _unit_columns(self.size, j, k, self.dtype, self.device)
 
     def _lanczos_operand(self) -> Any:
-        """What ARPACK iterates with: a NumPy array for dense matrices, else a LinearOperator."""
+        """Return what ARPACK iterates with: a NumPy array for dense matrices, else a LinearOperator."""
         return self.as_linear_operator()
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_i C_ii."""
         return self.diagonal().sum()
 
     def as_linear_operator(self) -> Any:
@@ -504,7 +508,7 @@ def _unit_columns(size: int, j: int, k: int, dtype: torch.dtype, device: torch.d
 
 
 def _columns_inner(A: CurvatureMatrix, B: CurvatureMatrix, dtype: torch.dtype, chunk: int = 256) -> Tensor:
-    """⟨A, B⟩ = Σ_J ⟨A E_J, B E_J⟩ over chunks J of unit vectors."""
+    """Return ⟨A, B⟩ = Σ_J ⟨A E_J, B E_J⟩ over chunks J of unit vectors."""
     total = torch.zeros((), dtype=dtype, device=A.device)
     for j in range(0, A.size, chunk):
         k = min(A.size, j + chunk)

@@ -62,6 +62,7 @@ class KronLayout:
 
     @property
     def weight_size(self) -> int:
+        """The number of weight entries, rows · in_features (the bias column excluded)."""
         return self.rows * self.in_features
 
     def __eq__(self, other: object) -> bool:
@@ -114,7 +115,7 @@ class KronLayout:
         return torch.cat([W, b], dim=2)
 
     def from_mats(self, X: Tensor) -> Tensor:
-        """m folded matrices (m, p, q) → columns in parameter order (p·q, m)."""
+        """Map m folded matrices (m, p, q) to columns in parameter order (p·q, m)."""
         m = X.shape[0]
         if not self.bias:
             return X.reshape(m, -1).T
