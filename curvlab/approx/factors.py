@@ -78,14 +78,17 @@ class KronPiece:
 
     @property
     def folded(self) -> bool:
+        """Whether the bias is folded into A as the last input (weight and bias both included)."""
         return self.weight and self.bias
 
     @property
     def size(self) -> int:
+        """The number of parameters, stop − start."""
         return self.stop - self.start
 
     @property
     def d_out(self) -> int:
+        """The layer's number of outputs (the size of G)."""
         return self.io.g.shape[-1]
 
     @property
@@ -97,6 +100,7 @@ class KronPiece:
 
     @property
     def positions(self) -> int:
+        """T, the layer's number of positions per sample (1 without weight sharing)."""
         return self.io.positions
 
     def inputs(self) -> Tensor:
@@ -180,7 +184,7 @@ class KronPiece:
         return _chunks(n, k * self.d_out * self.d_in * self.io.a.element_size())
 
     def exact_trace(self) -> Tensor:
-        """tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
+        """Return tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
         a, g = self.inputs(), self.grads
         k, n, t, _ = g.shape
         if t == 1:

@@ -287,6 +287,7 @@ class GroupedSummary:
 
     @property
     def num_subsets(self) -> int:
+        """S, the number of subsets of the partition."""
         return len(self.subsets)
 
     @property

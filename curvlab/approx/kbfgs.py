@@ -1,5 +1,7 @@
-"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS curvature along a trajectory (Goldfarb, Ren &
-Bahamou, NeurIPS 2020, arXiv 2006.08877; convolutions: Ren, Bahamou & Goldfarb 2021, arXiv 2102.06737).
+"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS curvature along a trajectory.
+
+Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; convolutions: Ren, Bahamou & Goldfarb 2021,
+arXiv 2102.06737.
 
 Each layer z = W h (+ b) keeps a Kronecker-factored inverse-curvature model H_a ⊗ H_g with
 
@@ -146,8 +148,10 @@ def lm_damping(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, bool]:
 
 @dataclass
 class DampedPair:
-    """A curvature pair after :func:`double_damping`: which stages triggered; ``skipped`` names the
-    reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it was applied.
+    """A curvature pair after :func:`double_damping`, and which stages triggered.
+
+    ``skipped`` names the reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it
+    was applied.
     """
 
     s: Tensor
@@ -158,8 +162,10 @@ class DampedPair:
 
 
 def double_damping(s: Tensor, y: Tensor, Hy: Tensor, *, mu2: float, mu1: float = 0.2) -> DampedPair:
-    """Double damping (DD) of Goldfarb, Ren & Bahamou (2020): :func:`powell_damping` with μ₁ on the
-    H side, then :func:`lm_damping` with μ₂ (= √λ in K-BFGS) on the new pair.
+    """Apply the double damping (DD) of Goldfarb, Ren & Bahamou (2020) to a pair (s, y).
+
+    :func:`powell_damping` with μ₁ on the H side, then :func:`lm_damping` with μ₂ (= √λ in K-BFGS)
+    on the new pair.
 
     Afterwards sᵀy ≥ μ₂‖s‖² (with equality when the LM stage triggered), so sᵀy > 0 for s ≠ 0 and
     the BFGS update keeps H positive definite. ``Hy`` is the current H applied to y.
@@ -271,6 +277,7 @@ class KBFGSCounters:
     input_skipped: int = 0  # of which skipped
 
     def as_dict(self) -> dict[str, int]:
+        """Return the counters as a plain dict {stage: count}."""
         return dict(self.__dict__)
 
 
@@ -329,6 +336,7 @@ class KBFGSLayerState:
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias (folded into H_a as the last input)."""
         return self.bias is not None
 
     # -- layout --------------------------------------------------------------------------------
@@ -462,8 +470,10 @@ class LayerStatistics:
 
 @dataclass
 class KBFGSStatistics:
-    """What :func:`kbfgs_statistics` returns: the loss and flat gradient ∇L(θ) of the batch, and the
-    per-layer statistics by layer name (module name; ``"(root)"`` for a bare layer).
+    """What :func:`kbfgs_statistics` returns.
+
+    The loss and flat gradient ∇L(θ) of the batch, and the per-layer statistics by layer name
+    (module name; ``"(root)"`` for a bare layer).
     """
 
     theta: Tensor
@@ -583,6 +593,7 @@ class KBFGS:
 
     @property
     def damping(self) -> float:
+        """λ > 0: A_LM = A + √λI and μ₂ = √λ (settable; must be finite and positive)."""
         return self._damping
 
     @damping.setter
@@ -672,6 +683,7 @@ class KBFGS:
 
     @property
     def options(self) -> dict[str, Any]:
+        """The state's hyperparameters as keyword arguments (damping, decays, μ₁, skip threshold, γ, history)."""
         opts: dict[str, Any] = {"damping": self.damping, "input_decay": self.input_decay,
                                 "pair_decay": self.pair_decay, "mu1": self.mu1,
                                 "skip_threshold": self.skip_threshold, "gamma": self.gamma}

@@ -120,8 +120,10 @@ def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | Non
 
 
 def get(kind: str) -> Callable[..., CurvatureMatrix]:
-    """Return the oracle function for a curvature kind (``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``,
-    or an older spelling: ``ef``, ``type2``, ``mc`` …; see :mod:`curvlab.vocabulary`).
+    """Return the oracle function for a curvature kind.
+
+    The kinds are ``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``, or an older spelling:
+    ``ef``, ``type2``, ``mc`` …; see :mod:`curvlab.vocabulary`.
     """
     table = {Curvature.HESSIAN: hessian, Curvature.GGN: ggn, Curvature.FISHER_MC: fisher_mc,
              Curvature.EMPIRICAL_FISHER: empirical_fisher}

@@ -43,8 +43,10 @@ __all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk", "a
 
 
 def activation_count(prob: Problem) -> int:
-    """Entries of every leaf module's output over the whole batch (from the cached survey of the
-    model): what one tangent or cotangent costs to push through the network.
+    """Return the entries of every leaf module's output over the whole batch.
+
+    From the cached survey of the model: what one tangent or cotangent costs to push through the
+    network.
     """
     return int(round(survey(prob).activations_per_sample * prob.num_samples))
 
@@ -230,6 +232,7 @@ class _Plan:
 
 
 def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Dense:
+    """Return the exact Hessian ∇²L(θ) as a dense P×P matrix (layer blocks, then HVP columns)."""
     theta = prob.theta if theta is None else theta
     P = prob.num_params
     memory.check((P, P), prob.dtype, "the dense Hessian")
@@ -252,6 +255,7 @@ def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None 
 
 
 def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> BlockDiagonal:
+    """Return the diagonal blocks H_bb = ∇²_{θ_b} L of the partition as a BlockDiagonal."""
     theta = prob.theta if theta is None else theta
     plan = _Plan(prob, theta)
     blocks = []
@@ -270,6 +274,7 @@ def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None 
 
 
 def hessian_diag(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Diagonal:
+    """Return the diagonal of ∇²L(θ), shape (P,), without forming the matrix."""
     theta = prob.theta if theta is None else theta
     plan = _Plan(prob, theta)
     d = torch.empty(prob.num_params, dtype=prob.dtype, device=prob.device)
