@@ -142,8 +142,10 @@ def _sci(x: float) -> str:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """Whether a command draws a progress bar: not ``--quiet``, and stderr (where the bar goes) and stdout
-    both terminals, so that piped or redirected output carries no bar.
+    """Return whether a command draws a progress bar.
+
+    It does when not ``--quiet`` and both stderr (where the bar goes) and stdout are terminals, so that
+    piped or redirected output carries no bar.
     """
     return not getattr(args, "quiet", False) and _is_terminal(sys.stderr) and _is_terminal(sys.stdout)
 

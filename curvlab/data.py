@@ -98,7 +98,7 @@ def _indices(name: str, n: int | None, seed: int) -> np.ndarray:
 
 
 def _standardize(a: np.ndarray) -> np.ndarray:
-    """(a − mean) / std per column; constant columns become 0."""
+    """Return (a − mean) / std per column; constant columns become 0."""
     mean = a.mean(axis=0)
     std = a.std(axis=0)
     return (a - mean) / np.where(std > 0, std, 1.0)

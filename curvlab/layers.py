@@ -129,6 +129,7 @@ class Layer:
 
     @property
     def rule(self) -> Rule:
+        """The :class:`Rule` for the module's type."""
         return RULES[type(self.module)]
 
     @property

@@ -101,6 +101,7 @@ def budget(num_bytes: int | float | str) -> Iterator[None]:
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Return the bytes of a tensor of ``shape`` and ``dtype`` (Π shape · element size)."""
     n = 1
     for s in shape:
         n *= int(s)

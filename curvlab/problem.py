@@ -32,6 +32,7 @@ class Block:
 
     @property
     def size(self) -> int:
+        """The number of parameters in the block."""
         return self.slice.stop - self.slice.start
 
     def __iter__(self) -> Iterator[Any]:
@@ -47,18 +48,22 @@ class Partition(tuple):
     """
 
     def __new__(cls, blocks: Iterable[Block]) -> Partition:
+        """Return the partition of ``blocks``, in order."""
         return super().__new__(cls, tuple(blocks))
 
     @property
     def names(self) -> list[str]:
+        """The blocks' names, in order."""
         return [b.name for b in self]
 
     @property
     def slices(self) -> list[slice]:
+        """The blocks' slices of θ, in order."""
         return [b.slice for b in self]
 
     @property
     def sizes(self) -> list[int]:
+        """The blocks' sizes, in order."""
         return [b.size for b in self]
 
     def __getitem__(self, key: Any) -> Any:  # allow lookup by name
@@ -367,6 +372,7 @@ class Problem:
     # ------------------------------------------------------------------ description
     @property
     def num_outputs(self) -> int:
+        """The number of outputs per sample, Π output_shape."""
         return math.prod(self.output_shape)
 
     def summary(self) -> dict[str, Any]:

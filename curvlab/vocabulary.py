@@ -88,8 +88,10 @@ _COTANGENTS = {Curvature.GGN: "type2", Curvature.FISHER_MC: "mc", Curvature.EMPI
 
 
 def fisher_type(value: Any) -> str:
-    """Return the Fisher type ``value`` names, as the capture engine's cotangent name (``type2``, ``mc``,
-    ``empirical``); raises for an unknown name or for ``hessian`` (not a sum of outer products).
+    """Return the Fisher type ``value`` names, as the capture engine's cotangent name.
+
+    The names are ``type2``, ``mc`` and ``empirical``; raises for an unknown name or for ``hessian`` (not a
+    sum of outer products).
     """
     kind = curvature(value)
     if kind is Curvature.HESSIAN:

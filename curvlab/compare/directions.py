@@ -1,4 +1,4 @@
-"""Update-direction agreement: do the steps of different curvatures point the same way?
+"""Update-direction agreement: whether the steps of different curvatures point the same way.
 
 For a gradient g and a damping λ, method m gives a direction x_m: a CurvatureMatrix C_m gives
 ``C_m.direction(g, λ, mode)`` (``mode="exact"``: x = −(C_m + λI)⁻¹ g; other modes are the method's

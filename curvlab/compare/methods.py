@@ -115,8 +115,9 @@ def _exact_builder(alias: str, structure: str) -> Builder:
 
 
 def low_rank_variant(name: str) -> str | None:
-    """Return the low-rank registry name of an exact Fisher-type method (``ggn`` → ``ggn-low-rank``, ``ef-block``
-    → ``ef-block-low-rank``), or None for every other method.
+    """Return the low-rank registry name of an exact Fisher-type method, or None for every other method.
+
+    For example ``ggn`` → ``ggn-low-rank``, ``ef-block`` → ``ef-block-low-rank``.
     """
     s = spec(name)
     alias = s.name.removesuffix("-block")
@@ -126,8 +127,10 @@ def low_rank_variant(name: str) -> str | None:
 
 
 def factor_rows(name: str, prob: Problem, mc_samples: int = 1) -> int:
-    """r, the number of factor rows U (r × P) of an exact Fisher-type method: N·C for the GGN (C = the
-    outputs per sample), N·S for the Monte-Carlo Fisher (S labels per input), N for the empirical Fisher.
+    """Return r, the number of factor rows U (r × P) of an exact Fisher-type method.
+
+    N·C for the GGN (C = the outputs per sample), N·S for the Monte-Carlo Fisher (S labels per input),
+    N for the empirical Fisher.
     """
     alias = spec(name).name.split("-block")[0].removesuffix("-low-rank")
     per = {"ggn": prob.num_outputs, "fisher-mc": int(mc_samples), "ef": 1}

@@ -171,8 +171,9 @@ def check_arguments(methods: Sequence[str] | Mapping[str, Any] = _methods.DEFAUL
                     references: Sequence[str] | str = ("ggn",), *, k: int = 20, damping_rule: str = "own",
                     step: float | str = "armijo", mc_samples: int = 1,
                     seed: int | None = None) -> tuple[list[str], list[str], dict[str, Any], list[float]]:
-    """Check :func:`report`'s arguments without building anything; raise ``ValueError``/``TypeError`` naming
-    the offending value.
+    """Check :func:`report`'s arguments without building anything.
+
+    Raise ``ValueError``/``TypeError`` naming the offending value.
 
     Returns (method names in order, reference names, custom objects by name, dampings as floats).
     The command line calls it before loading the problem, so that a typo costs no computation.
@@ -272,8 +273,10 @@ class _Setup:
 
 
 class _Progress:
-    """Stage-by-stage progress: a tqdm bar with time left on stderr (``progress=True``), a callable told
-    each stage's message, or nothing (``None``/``False``).
+    """Stage-by-stage progress of a report.
+
+    A tqdm bar with time left on stderr (``progress=True``), a callable told each stage's message, or
+    nothing (``None``/``False``).
     """
 
     def __init__(self, progress: bool | Callable[[str], None] | None, total: int, desc: str) -> None:
@@ -364,7 +367,9 @@ def _footprint(s: _Setup, entry: str | None) -> tuple[int, int]:
 
 
 def _kind_of(entry: str | None) -> str:
-    """"low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
+    """Return how a method entry takes part in Frobenius products: "low", "cheap" or "other".
+
+    "low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
     shortcut (a diagonal; a direction has none to take), else "other" (a dense twin is built for those, see
     ``_Builds.twin``).
     """
@@ -443,8 +448,10 @@ _CHEAP_WITH_LOW_RANK = ("low_rank", "block_low_rank", "diag", "vector")
 
 
 def _representation(obj: Any) -> str:
-    """What a built method is: its matrix's ``structure`` (``full``, ``low_rank``, ``kron`` …; a block-diagonal
-    of one structure X is ``block_X``, e.g. ``block_low_rank``), or ``vector`` for a direction callable.
+    """Return what a built method is: its matrix's ``structure``, or ``vector`` for a direction callable.
+
+    Structures are ``full``, ``low_rank``, ``kron`` …; a block-diagonal of one structure X is ``block_X``,
+    e.g. ``block_low_rank``.
     """
     if not isinstance(obj, CurvatureMatrix):
         return "vector"
@@ -509,9 +516,10 @@ class _Builds:
                 b.eigh()
 
     def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
-        """Return the operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
-        low-rank is replaced by its dense twin when the other one is of a structure without a shortcut for
-        low-rank operands (full, block, Kronecker …; see :meth:`twin`).
+        """Return the operands of the Frobenius comparisons of method ``name`` with reference ``ref``.
+
+        A matrix held low-rank is replaced by its dense twin when the other one is of a structure without a
+        shortcut for low-rank operands (full, block, Kronecker …; see :meth:`twin`).
         """
         mine, theirs = self.representation.get(name), self.representation.get(ref)
         if mine in _LOW_RANK_REPS and theirs not in _CHEAP_WITH_LOW_RANK:
@@ -580,7 +588,7 @@ class _References:
 
 
 def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
-    """log det(C + λI) on the whole matrix ('all') and on each diagonal block; NaN where not positive definite."""
+    """Return log det(C + λI) on the whole matrix ('all') and on each block; NaN where not positive definite."""
     out = {}
     for name, sl in [("all", slice(0, s.P)), *s.block_spec]:
         try:
@@ -592,8 +600,9 @@ def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------- per-method tables
 def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
-    """(smallest, largest) eigenvalue: from the (cached) eigenvalues, or by Lanczos for a large dense
-    matrix in a report without full spectra.
+    """Return the (smallest, largest) eigenvalue.
+
+    From the (cached) eigenvalues, or by Lanczos for a large dense matrix in a report without full spectra.
     """
     dense_large = C.structure in ("full", "operator") and C.size > DENSE_EIGH_LIMIT and not C.has_eigh
     if s.full_spectrum or not dense_large:
@@ -612,7 +621,9 @@ def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
 
 
 def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix | None) -> xr.Dataset:
-    """eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
+    """Return the spectrum variables of one matrix.
+
+    eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
     C + λI counts as positive definite when its smallest eigenvalue exceeds the singularity threshold of the
     solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ)).
     """
@@ -645,7 +656,9 @@ _CANCELLATION = 1e-6
 
 
 def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[float]:
-    """‖C − B‖_F/‖B‖_F whole and per block. Where two structures left only the expansion
+    """Return ‖C − B‖_F/‖B‖_F whole and per block.
+
+    Where two structures left only the expansion
     ‖C‖² + ‖B‖² − 2⟨C, B⟩ (digits lost when C ≈ B, e.g. KFAC on a layer where it is exact against a
     low-rank GGN) and the block fits the budget thrice, the difference is taken densely.
     """
@@ -660,7 +673,9 @@ def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[
 
 def _agreement_table(s: _Setup, name: str, C: CurvatureMatrix | None, refs: _References,
                      builds: _Builds) -> xr.Dataset:
-    """cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
+    """Return the agreement variables of one method with the references.
+
+    cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
     top_ratio (reference, top); wasserstein_log (reference, damping).
     """
     out = {"cosine": s.empty("reference", "block"), "relative_error": s.empty("reference", "block"),
@@ -714,8 +729,10 @@ def _slices(s: _Setup) -> list[slice]:
 
 
 def _factor_table(s: _Setup, C: CurvatureMatrix | None, mode: str) -> xr.Dataset:
-    """factor_fraction_below (block, damping, factor): per Kronecker layer, the share of each factor's
-    eigenvalues below that factor's part of the damping (the method's factored rule, else π).
+    """Return factor_fraction_below (block, damping, factor) of one method.
+
+    Per Kronecker layer, the share of each factor's eigenvalues below that factor's part of the damping
+    (the method's factored rule, else π).
     """
     out = s.empty("block", "damping", "factor")
     if C is not None:
