@@ -51,8 +51,9 @@ def cell_seed(cell: Mapping[str, Any], key: str) -> int:
 
 def compute_cell(run_cell: Callable[..., Any], cell: Mapping[str, Any], config: Mapping[str, Any],
                  seed: int) -> Outcome:
-    """``run_cell(cell, config)`` with torch's, NumPy's and Python's generators seeded by ``seed`` (and
-    restored afterwards, so an in-process run leaves the caller's generators as they were).
+    """Return ``run_cell(cell, config)`` with torch's, NumPy's and Python's generators seeded by ``seed``.
+
+    The generators are restored afterwards, so an in-process run leaves the caller's generators as they were.
     """
     import numpy as np
     import torch

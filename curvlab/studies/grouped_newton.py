@@ -225,6 +225,7 @@ class Rescaled(nn.Module):
         self.bias = nn.Parameter(lin.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return x (αW)ᵀ + b: the linear layer with its weight scaled by α."""
         return nn.functional.linear(x, self.alpha * self.weight, self.bias)
 
 
@@ -330,8 +331,9 @@ def _training_part(datasets: list):
 
 
 def merge(datasets: list):
-    """Return the cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset: the exactness
-    part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
+    """Return the cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset.
+
+    The exactness part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
     runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``.
     """
     import xarray as xr
@@ -352,8 +354,10 @@ def merge(datasets: list):
 
 # ---------------------------------------------------------------------------------------------- claims
 def tuned(ds, method: str) -> tuple[str, float]:
-    """(run, value) of ``method``'s tuned run: the lr whose geometric mean over seeds of the final training
-    loss is smallest (a run with a diverged or non-finite seed counts as +inf).
+    """Return (run, value) of ``method``'s tuned run.
+
+    The tuned run has the lr whose geometric mean over seeds of the final training loss is smallest (a run
+    with a diverged or non-finite seed counts as +inf).
     """
     import numpy as np
 

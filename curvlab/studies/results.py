@@ -89,8 +89,10 @@ def _default_merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 
 def merge_cells(study: Study, datasets: list[xr.Dataset], cells: Sequence[Mapping[str, Any]]) -> xr.Dataset:
-    """Return the finished cells' Datasets merged (the study's ``merge`` or the default), each cell dimension
-    in the order of first appearance in ``cells`` over the whole grid (failed cells: NaN).
+    """Return the finished cells' Datasets merged (the study's ``merge`` or the default).
+
+    Each cell dimension is in the order of first appearance in ``cells`` over the whole grid (failed cells:
+    NaN).
     """
     from curvlab.studies.store import CELL_ATTRS
 

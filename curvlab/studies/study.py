@@ -219,8 +219,10 @@ class Study:
         return resolved
 
     def grid_of(self, config: Mapping[str, Any]) -> list[Cell]:
-        """``cells(config)``, checked: a non-empty list of distinct mappings with the same str keys
-        whose values are JSON scalars (str, int, float, bool).
+        """Return ``cells(config)``, checked.
+
+        It must be a non-empty list of distinct mappings with the same str keys whose values are JSON
+        scalars (str, int, float, bool).
         """
         cells = [dict(c) for c in self.cells(config)]
         if not cells:
