@@ -249,7 +249,7 @@ def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact
 
 
 def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
-    """Return the options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
+    """Check the options every approximator shares before any pass over the data (raise ValueError/TypeError)."""
     if fisher is not None:
         try:
             fisher_type(fisher)
