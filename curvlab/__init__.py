@@ -1,4 +1,4 @@
-"""curvlab: how close are KFAC-family curvature approximations to the exact Hessian, GGN and Fisher?
+"""curvlab: how close KFAC-family curvature approximations come to the exact Hessian, GGN and Fisher.
 
     import curvlab as cl
     prob = cl.problems.load("digits-mlp")

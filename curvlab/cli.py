@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer ≥ ``low`` (one-line error otherwise)."""
+    """Return an argparse type: an integer ≥ ``low`` (one-line error otherwise)."""
 
     def parse(text: str) -> int:
         try:
@@ -73,7 +73,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def _dpi(text: str) -> int:
-    """An argparse type: a resolution within ``curvlab.plot.DPI_RANGE``."""
+    """Return an argparse type: a resolution within ``curvlab.plot.DPI_RANGE``."""
     from curvlab.plot import DPI_RANGE
 
     value = _int_at_least(1)(text)
@@ -118,14 +118,14 @@ def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def problem_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`curvlab.Problem` that :func:`add_problem_arguments`' arguments name."""
+    """Return the :class:`curvlab.Problem` that :func:`add_problem_arguments`' arguments name."""
     from curvlab import problems
 
     return problems.load(args.name, n=args.n, seed=args.seed, dtype=_DTYPES[args.dtype])
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
-    """A plain aligned text table; ``right[j]`` right-aligns column j (default: all but the first)."""
+    """Return a plain aligned text table; ``right[j]`` right-aligns column j (default: all but the first)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[j]) for r in cells) for j in range(len(headers))]
     right = [j > 0 for j in range(len(headers))] if right is None else list(right)
@@ -142,8 +142,11 @@ def _sci(x: float) -> str:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """Whether a command draws a progress bar: not ``--quiet``, and stderr (where the bar goes) and stdout
-    both terminals, so that piped or redirected output carries no bar."""
+    """Return whether a command draws a progress bar.
+
+    It does when not ``--quiet`` and both stderr (where the bar goes) and stdout are terminals, so that
+    piped or redirected output carries no bar.
+    """
     return not getattr(args, "quiet", False) and _is_terminal(sys.stderr) and _is_terminal(sys.stdout)
 
 
@@ -187,7 +190,7 @@ def _configure_methods(parser: argparse.ArgumentParser) -> None:
 
 
 def _damping_rule(name: str, spec: Any) -> str:
-    """A registry entry's damping rule in words; "own" is the method's paper's rule (see curvlab.approx)."""
+    """Return a registry entry's damping rule in words; "own" is the method's paper's rule (see curvlab.approx)."""
     if spec.family == "first-order":
         return "none (x = −g)"
     if spec.mode != "own":
@@ -296,7 +299,7 @@ def _run_oracle(args: argparse.Namespace) -> int:
 
 
 def _stage_bar(total: int, desc: str) -> Any:
-    """A tqdm progress bar on stderr counting stages, with the time left (tqdm is imported here, on use)."""
+    """Return a tqdm progress bar on stderr counting stages, with the time left (tqdm is imported here, on use)."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -354,7 +357,7 @@ def _csv(text: str, what: str) -> list[str]:
 
 
 def _compare_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The report's keyword arguments from the command line, all checked (nothing is computed)."""
+    """Return the report's keyword arguments from the command line, all checked (nothing is computed)."""
     from curvlab.compare.report import check_arguments
 
     try:
@@ -435,7 +438,7 @@ def _run_studies(args: argparse.Namespace) -> int:
 
 
 def _describe_study(study: Any) -> str:
-    """A study's configuration, quick overrides and claims, as ``curvlab studies NAME`` prints them."""
+    """Return a study's configuration, quick overrides and claims, as ``curvlab studies NAME`` prints them."""
     import json
 
     lines = [f"{study.name}: {study.description}", f"paper: {study.paper}", "",
@@ -468,7 +471,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _dask_address(text: str) -> str:
-    """An argparse type: ``local`` or a scheduler address ``[scheme://]host[:port]``."""
+    """Return an argparse type: ``local`` or a scheduler address ``[scheme://]host[:port]``."""
     import re
 
     if text == "local" or re.fullmatch(r"([a-z][a-z0-9+.-]*://)?[^\s:/]+(:\d+)?/?", text):
@@ -566,7 +569,7 @@ def _configure_plot(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_report(path: Any) -> Any:
-    """The report in ``path``, or a one-line UsageError: missing, unreadable, or not a report."""
+    """Return the report in ``path``, or a one-line UsageError: missing, unreadable, or not a report."""
     from curvlab import plot
     from curvlab.compare.report import load
 
@@ -628,7 +631,7 @@ COMMANDS: list[Command] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
+    """Return the top-level parser with one subparser per entry of :data:`COMMANDS`."""
     from curvlab import __version__
 
     parser = _Parser(prog="curvlab", description="Exact curvature of small networks vs the KFAC family.",
@@ -680,7 +683,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _one_line_warning(command: str) -> Callable[..., None]:
-    """A ``warnings.showwarning`` that prints ``curvlab COMMAND: warning: message`` (no source line)."""
+    """Return a ``warnings.showwarning`` that prints ``curvlab COMMAND: warning: message`` (no source line)."""
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:

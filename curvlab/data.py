@@ -59,7 +59,7 @@ class Split(NamedTuple):
 
 @functools.cache
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The bundled arrays, read once per process and marked read-only (callers index copies out)."""
+    """Return the bundled arrays, read once per process and marked read-only (callers index copies out)."""
     from sklearn import datasets
 
     if name == "digits":
@@ -81,7 +81,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _indices(name: str, n: int | None, seed: int) -> np.ndarray:
-    """The first n entries of the data set's permutation for ``seed``."""
+    """Return the first n entries of the data set's permutation for ``seed``."""
     total = DATASETS[name]["samples"]
     if n is None:
         n = total
@@ -98,7 +98,7 @@ def _indices(name: str, n: int | None, seed: int) -> np.ndarray:
 
 
 def _standardize(a: np.ndarray) -> np.ndarray:
-    """(a − mean) / std per column; constant columns become 0."""
+    """Return (a − mean) / std per column; constant columns become 0."""
     mean = a.mean(axis=0)
     std = a.std(axis=0)
     return (a - mean) / np.where(std > 0, std, 1.0)
@@ -106,7 +106,7 @@ def _standardize(a: np.ndarray) -> np.ndarray:
 
 def digits(n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float64,
            scale: str = "standardize", images: bool = False) -> tuple[Tensor, Tensor]:
-    """The handwritten-digits set: inputs and integer labels 0…9.
+    """Return the handwritten-digits set: inputs and integer labels 0…9.
 
     Parameters
     ----------
@@ -136,7 +136,7 @@ def digits(n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float
 
 
 def diabetes(n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """The diabetes regression set: standardised inputs (n, 10) and standardised target (n, 1).
+    """Return the diabetes regression set: standardised inputs (n, 10) and standardised target (n, 1).
 
     Inputs and target are standardised with the statistics of the returned samples, so a model
     predicting 0 has mean squared error exactly 1. ``n``, ``seed`` as in :func:`digits`.
@@ -150,7 +150,7 @@ def diabetes(n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 def split(X: Tensor, y: Tensor, test: int | float = 0.2, seed: int = 0) -> Split:
-    """A seeded random split into train and test parts.
+    """Return a seeded random split into train and test parts.
 
     ``test`` is the number of test samples (int) or their fraction in (0, 1) (float, rounded to
     the nearest count); both parts keep at least one sample.

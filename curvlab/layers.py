@@ -129,6 +129,7 @@ class Layer:
 
     @property
     def rule(self) -> Rule:
+        """The :class:`Rule` for the module's type."""
         return RULES[type(self.module)]
 
     @property
@@ -162,7 +163,7 @@ class Survey:
     activations_per_sample: float = 0.0
 
     def generic_parameters(self, param_names: list[str]) -> list[str]:
-        """The trainable parameters outside every verified layer, in θ order."""
+        """Return the trainable parameters outside every verified layer, in θ order."""
         covered = {n for L in self.layers.values() for n in (L.weight, L.bias) if n}
         return [n for n in param_names if n not in covered]
 
@@ -342,7 +343,7 @@ def _verify(prob: Problem, sv: Survey, cands: dict, theta: Tensor, f: Tensor, io
 
 
 def survey(prob: Problem) -> Survey:
-    """The survey of ``prob``'s model (cached on the problem; see the module docstring)."""
+    """Return the survey of ``prob``'s model (cached on the problem; see the module docstring)."""
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     cached = prob.structure_cache.get("survey")
@@ -358,5 +359,5 @@ def survey(prob: Problem) -> Survey:
 
 
 def structured_layers(prob: Problem) -> dict[str, nn.Module]:
-    """The verified layer-structured modules of ``prob``, by module name, in θ order."""
+    """Return the verified layer-structured modules of ``prob``, by module name, in θ order."""
     return {name: L.module for name, L in survey(prob).layers.items()}

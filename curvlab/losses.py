@@ -53,10 +53,11 @@ class Likelihood:
 
     # -- shapes and scale -------------------------------------------------------------------
     def check(self, f: Tensor, y: Tensor) -> None:  # pragma: no cover - overridden
+        """Raise ValueError/TypeError unless outputs ``f`` and targets ``y`` suit this loss."""
         raise NotImplementedError
 
     def terms_per_sample(self, f: Tensor) -> int:
-        """Number of unreduced loss terms of one sample (1 for CE, D for MSE/BCE)."""
+        """Return the number of unreduced loss terms of one sample (1 for CE, D for MSE/BCE)."""
         return 1
 
     def scale(self, f: Tensor) -> float:
@@ -67,18 +68,23 @@ class Likelihood:
 
     # -- derivatives -----------------------------------------------------------------------
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - overridden
+        """Return ℓ_n, each sample's summed unreduced loss; shape (N,)."""
         raise NotImplementedError
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:  # pragma: no cover
+        """Return ∇_f ℓ_n, shape of ``f`` (``y`` may carry a leading sample axis)."""
         raise NotImplementedError
 
     def hvp_output(self, f: Tensor, u: Tensor) -> Tensor:  # pragma: no cover
+        """Return ∇²_f ℓ_n · u_n for ``u`` of the shape of ``f``."""
         raise NotImplementedError
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:  # pragma: no cover
+        """Return S with Σ_k S_k S_kᵀ = ∇²_f ℓ_n; shape (k, *f.shape)."""
         raise NotImplementedError
 
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:  # pragma: no cover
+        """Draw m labels from the likelihood ℓ_n is the negative log of; shape (m, *y.shape)."""
         raise NotImplementedError
 
     # -- positions --------------------------------------------------------------------------
@@ -87,8 +93,11 @@ class Likelihood:
     feature_axis: int = -1
 
     def positions(self, f: Tensor) -> int:
-        """T: the positions of one sample's output — the axes between the batch axis and the
-        feature axis (the last for MSE and BCE, as curvlinops flattens them; dim 1 for CE)."""
+        """Return T, the number of positions of one sample's output.
+
+        The positions are the axes between the batch axis and the feature axis (the last for MSE and
+        BCE, as curvlinops flattens them; dim 1 for CE).
+        """
         return math.prod(f.shape[1:-1])
 
     def split_positions(self, g: Tensor) -> Tensor:
@@ -106,7 +115,7 @@ class Likelihood:
         return self.grad_output(f, ys)  # every grad_output broadcasts over a leading sample axis
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
-        """The user's loss R Σ_n ℓ_n (equals ``loss_fn(f, y)``)."""
+        """Return the user's loss R Σ_n ℓ_n (equals ``loss_fn(f, y)``)."""
         return self.per_sample(f, y).sum() * self.scale(f)
 
 
@@ -146,6 +155,7 @@ class CrossEntropy(Likelihood):
                              "supported: use label_smoothing=0")
 
     def check(self, f: Tensor, y: Tensor) -> None:
+        """Check (N, C, d₁, …) outputs and long class targets (N, d₁, …) in [0, C)."""
         if f.ndim < 2:
             raise ValueError(f"CrossEntropyLoss needs model outputs of shape (N, C) or (N, C, d1, ...); "
                              f"got {tuple(f.shape)}")
@@ -167,19 +177,23 @@ class CrossEntropy(Likelihood):
         return math.prod(f.shape[2:])
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ℓ_n = −Σ_t log softmax(f_nt)[y_nt]; shape (N,)."""
         terms = -torch.log_softmax(f, dim=1).gather(1, y[:, None]).squeeze(1)  # (N, d₁, …)
         return _flat_outputs(terms).sum(dim=1) if terms.ndim > 1 else terms
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ∇_f ℓ_n = softmax(f) − onehot(y) (classes on dim 1)."""
         # y may carry a leading sample axis (m, N, d₁, …): the class axis of the result is then dim 2
         p = torch.softmax(f, dim=1)
         return p - _one_hot(y, f.shape[1], y.ndim - (f.ndim - 1) + 1, p.dtype)
 
     def hvp_output(self, f: Tensor, u: Tensor) -> Tensor:
+        """Return (diag(p_t) − p_t p_tᵀ) u_t at every position t, p = softmax(f)."""
         p = torch.softmax(f, dim=1)
         return p * u - p * (p * u).sum(dim=1, keepdim=True)
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
+        """Return S with S[c, t] = √p_ct (e_c − p_t) at position t; shape (C·T, N, C, d₁, …)."""
         # per position t: S[c, t] = √p_ct (e_c − p_t) at t, zero elsewhere; Σ_c S S ᵀ = diag(p_t) − p_t p_tᵀ.
         # k = C·T columns ordered (c, t); shape (C·T, N, C, d₁, …).
         n, c = f.shape[:2]
@@ -194,9 +208,11 @@ class CrossEntropy(Likelihood):
         return S.reshape(c * t, n, *f.shape[1:])
 
     def positions(self, f: Tensor) -> int:
+        """Return T = d₁·… (the axes after the class axis)."""
         return math.prod(f.shape[2:])
 
     def split_positions(self, g: Tensor) -> Tensor:
+        """Return (T, N, C, d₁, …): slice t keeps position t of ``g`` and is zero elsewhere."""
         if g.ndim < 3:
             return g[None]
         n, c = g.shape[:2]
@@ -205,15 +221,17 @@ class CrossEntropy(Likelihood):
         return (g.reshape(n, c, t)[None] * eye[:, None, None, :]).reshape(t, *g.shape)
 
     def _draw(self, p: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        """m labels per position from Categorical(p) (classes on dim 1): shape (m, N, d₁, …)."""
+        """Draw m labels per position from Categorical(p) (classes on dim 1): shape (m, N, d₁, …)."""
         flat = p.movedim(1, -1).reshape(-1, p.shape[1])  # (N·T, C)
         ys = torch.multinomial(flat, m, replacement=True, generator=generator).T  # (m, N·T)
         return ys.reshape(m, p.shape[0], *p.shape[2:])
 
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Draw m labels per position from Categorical(softmax(f)); shape (m, N, d₁, …)."""
         return self._draw(torch.softmax(f, dim=1), m, generator)
 
     def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Return p − onehot(ŷ_s) for m labels ŷ_s drawn as in :meth:`sample`; shape (m, *f.shape)."""
         # the same draws as sample(), with the softmax computed once: p − onehot(ŷ_s)
         p = torch.softmax(f, dim=1)
         ys = self._draw(p, m, generator)
@@ -226,6 +244,7 @@ class SquaredError(Likelihood):
     name = "squared_error"
 
     def check(self, f: Tensor, y: Tensor) -> None:
+        """Check floating-point targets of the model output's shape."""
         if not torch.is_floating_point(y):
             raise TypeError(f"MSELoss targets must be floating point; got dtype {y.dtype}")
         if y.shape != f.shape:
@@ -233,23 +252,29 @@ class SquaredError(Likelihood):
                              f"got {tuple(y.shape)}")
 
     def terms_per_sample(self, f: Tensor) -> int:
+        """Return D, the number of outputs per sample."""
         return math.prod(f.shape[1:])
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ℓ_n = ‖f_n − y_n‖²; shape (N,)."""
         return _flat_outputs((f - y) ** 2).sum(dim=1)
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ∇_f ℓ_n = 2 (f − y)."""
         return 2.0 * (f - y)
 
     def hvp_output(self, f: Tensor, u: Tensor) -> Tensor:
+        """Return ∇²_f ℓ_n · u = 2 u."""
         return 2.0 * u
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
+        """Return S = √2 I per sample; shape (D, *f.shape)."""
         d = math.prod(f.shape[1:])
         eye = torch.eye(d, dtype=f.dtype, device=f.device) * math.sqrt(2.0)
         return eye[:, None, :].expand(d, f.shape[0], d).reshape(d, *f.shape)
 
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Draw m targets from N(f, ½ I); shape (m, *f.shape)."""
         noise = torch.randn((m, *f.shape), generator=generator, dtype=f.dtype, device=f.device)
         return f[None] + math.sqrt(0.5) * noise
 
@@ -266,6 +291,7 @@ class BinaryCrossEntropy(Likelihood):
                              "break the likelihood interpretation")
 
     def check(self, f: Tensor, y: Tensor) -> None:
+        """Check floating-point targets in [0, 1] of the model output's shape."""
         if not torch.is_floating_point(y):
             raise TypeError(f"BCEWithLogitsLoss targets must be floating point in [0, 1]; got dtype {y.dtype}")
         if y.shape != f.shape:
@@ -276,20 +302,25 @@ class BinaryCrossEntropy(Likelihood):
             raise ValueError(f"BCEWithLogitsLoss target {bad} is outside [0, 1]")
 
     def terms_per_sample(self, f: Tensor) -> int:
+        """Return D, the number of outputs per sample."""
         return math.prod(f.shape[1:])
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ℓ_n = Σ_d −y log σ(f) − (1−y) log(1−σ(f)); shape (N,)."""
         terms = torch.nn.functional.binary_cross_entropy_with_logits(f, y, reduction="none")
         return _flat_outputs(terms).sum(dim=1)
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        """Return ∇_f ℓ_n = σ(f) − y."""
         return torch.sigmoid(f) - y
 
     def hvp_output(self, f: Tensor, u: Tensor) -> Tensor:
+        """Return ∇²_f ℓ_n · u = σ(f)(1 − σ(f)) u."""
         s = torch.sigmoid(f)
         return s * (1 - s) * u
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
+        """Return S = diag(√(σ(1−σ))) per sample; shape (D, *f.shape)."""
         d = math.prod(f.shape[1:])
         s = torch.sigmoid(_flat_outputs(f))
         root = (s * (1 - s)).sqrt()  # (N, D)
@@ -297,6 +328,7 @@ class BinaryCrossEntropy(Likelihood):
         return (eye[:, None, :] * root[None, :, :]).reshape(d, *f.shape)
 
     def sample(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Draw m targets from Bernoulli(σ(f)); shape (m, *f.shape)."""
         s = torch.sigmoid(f)
         u = torch.rand((m, *f.shape), generator=generator, dtype=f.dtype, device=f.device)
         return (u < s[None]).to(f.dtype)
@@ -310,7 +342,7 @@ _SUPPORTED = {
 
 
 def likelihood_for(loss_fn: nn.Module) -> Likelihood:
-    """The :class:`Likelihood` of a loss module instance; a clear error for anything else."""
+    """Return the :class:`Likelihood` of a loss module instance; raise a clear error for anything else."""
     if isinstance(loss_fn, type):
         raise TypeError(f"pass a loss *instance* such as {loss_fn.__name__}(), not the class")
     for cls, lik in _SUPPORTED.items():

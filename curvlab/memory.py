@@ -72,7 +72,7 @@ def _from_environment() -> int:
 
 
 def get_budget() -> int:
-    """The current budget in bytes (read from ``CURVLAB_MAX_DENSE_BYTES`` on first use).
+    """Return the current budget in bytes (read from ``CURVLAB_MAX_DENSE_BYTES`` on first use).
 
     Raises ``ValueError`` naming the variable when it holds something that is not a size.
     """
@@ -101,6 +101,7 @@ def budget(num_bytes: int | float | str) -> Iterator[None]:
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Return the bytes of a tensor of ``shape`` and ``dtype`` (Π shape · element size)."""
     n = 1
     for s in shape:
         n *= int(s)

@@ -311,8 +311,11 @@ def ladder(ds: xr.Dataset, reference: str | None = None) -> Figure:
 
 
 def _layer_layout(ticks: list[str], legend: list[str], max_width: float = 16.0) -> tuple[float, float, bool]:
-    """(width, height, rotate) of the per-layer figure: each block as wide as its tick label at 10 pt
-    (≈0.09 in per character) or its bars (0.32 in each), plus the legend; rotated labels beyond ``max_width``."""
+    """Return (width, height, rotate) of the per-layer figure.
+
+    Each block is as wide as its tick label at 10 pt (≈0.09 in per character) or its bars (0.32 in each),
+    plus the legend; labels are rotated beyond ``max_width``.
+    """
     n_b, n_m = len(ticks), len(legend)
     chars = max(len(line) for t in ticks for line in t.split("\n"))
     legend_in = (0.7 + 0.075 * max(len(m) for m in legend)) * (1 if n_m <= 8 else 2)
@@ -325,7 +328,7 @@ def _layer_layout(ticks: list[str], legend: list[str], max_width: float = 16.0) 
 
 
 def layer_errors(ds: xr.Dataset, reference: str | None = None, methods: list[str] | None = None) -> Figure:
-    """Grouped bars: relative error of each method's diagonal block against the reference's, per layer.
+    """Draw grouped bars: relative error of each method's diagonal block against the reference's, per layer.
 
     The y axis is logarithmic; a method that is exact on a block (error < 1e-12) is drawn at the
     floor and marked "exact". Methods with identical errors (the same matrix) share a bar.

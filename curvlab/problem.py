@@ -32,10 +32,11 @@ class Block:
 
     @property
     def size(self) -> int:
+        """The number of parameters in the block."""
         return self.slice.stop - self.slice.start
 
     def __iter__(self) -> Iterator[Any]:
-        """A block unpacks as its ``(name, slice)`` pair: ``for name, s in prob.partition: ...``."""
+        """Unpack a block as its ``(name, slice)`` pair: ``for name, s in prob.partition: ...``."""
         return iter((self.name, self.slice))
 
 
@@ -47,18 +48,22 @@ class Partition(tuple):
     """
 
     def __new__(cls, blocks: Iterable[Block]) -> Partition:
+        """Return the partition of ``blocks``, in order."""
         return super().__new__(cls, tuple(blocks))
 
     @property
     def names(self) -> list[str]:
+        """The blocks' names, in order."""
         return [b.name for b in self]
 
     @property
     def slices(self) -> list[slice]:
+        """The blocks' slices of θ, in order."""
         return [b.slice for b in self]
 
     @property
     def sizes(self) -> list[int]:
+        """The blocks' sizes, in order."""
         return [b.size for b in self]
 
     def __getitem__(self, key: Any) -> Any:  # allow lookup by name
@@ -287,7 +292,7 @@ class Problem:
 
     # ------------------------------------------------------------------ evaluation
     def output(self, theta: Tensor | None = None, X: Tensor | None = None) -> Tensor:
-        """The model output f(X; θ) without touching the model's own parameters."""
+        """Return the model output f(X; θ) without touching the model's own parameters."""
         return functional_call(self.model, self.params(theta), (self.X if X is None else X,))
 
     def loss_tensor(self, theta: Tensor | None = None, X: Tensor | None = None, y: Tensor | None = None) -> Tensor:
@@ -309,7 +314,7 @@ class Problem:
         return g
 
     def check_theta(self, theta: Tensor | None) -> Tensor:
-        """The parameter vector to evaluate at: the problem's own θ for None, else ``theta`` checked.
+        """Return the parameter vector to evaluate at: the problem's own θ for None, else ``theta`` checked.
 
         Raises ``ValueError`` unless ``theta`` has shape (P,) and finite entries; it is cast to the
         problem's dtype and device.
@@ -323,14 +328,14 @@ class Problem:
         return theta
 
     def at(self, theta: Tensor) -> Problem:
-        """The same problem evaluated at other parameter values θ (the model is not mutated)."""
+        """Return the same problem evaluated at other parameter values θ (the model is not mutated)."""
         theta = self.check_theta(theta)
         new = self._copy()
         new.theta = theta.detach().clone()
         return new
 
     def subset(self, index: Tensor | slice | Sequence[int]) -> Problem:
-        """The same problem on a subset of the samples (a minibatch), at the same θ."""
+        """Return the same problem on a subset of the samples (a minibatch), at the same θ."""
         new = self._copy()
         new.X, new.y = self.X[index], self.y[index]
         if new.X.shape[0] == 0:
@@ -341,7 +346,7 @@ class Problem:
         return new
 
     def with_batch(self, X: Tensor, y: Tensor, theta: Tensor | None = None) -> Problem:
-        """The same problem on other data of the same per-sample shapes (a minibatch), optionally at θ.
+        """Return the same problem on other data of the same per-sample shapes (a minibatch), optionally at θ.
 
         Cheaper than a new :class:`Problem`: the model, partition and cached survey are shared and no
         forward pass is run (the loss scale follows from the batch size). Raises ``ValueError`` when a
@@ -367,6 +372,7 @@ class Problem:
     # ------------------------------------------------------------------ description
     @property
     def num_outputs(self) -> int:
+        """The number of outputs per sample, Π output_shape."""
         return math.prod(self.output_shape)
 
     def summary(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class Spec:
 
     @property
     def max_n(self) -> int:
+        """The data set's number of samples, the largest n the problem allows."""
         return int(data.DATASETS[self.dataset]["samples"])
 
 
@@ -141,7 +142,7 @@ REGISTRY: dict[str, Spec] = {
 
 
 def names() -> list[str]:
-    """The canned problem names, in registry order."""
+    """Return the canned problem names, in registry order."""
     return list(REGISTRY)
 
 
@@ -175,7 +176,7 @@ def load(name: str, n: int | None = DEFAULT_N, seed: int = 0, dtype: torch.dtype
 
 
 def describe(name: str) -> dict[str, Any]:
-    """What the canned problem ``name`` is: description, architecture, loss, data set, P, default and maximum n."""
+    """Return what the canned problem ``name`` is: description, architecture, loss, data set, P, default and max n."""
     spec = _spec(name)
     model = _build_model(spec, 0, torch.float32)
     return {

@@ -69,7 +69,7 @@ FISHER_SPELLINGS: dict[str, Curvature] = {
 
 
 def curvature(value: Any) -> Curvature:
-    """The curvature kind named ``value`` (any accepted spelling; ``hessian`` included)."""
+    """Return the curvature kind named ``value`` (any accepted spelling; ``hessian`` included)."""
     if isinstance(value, Curvature):
         return value
     if isinstance(value, str):
@@ -88,8 +88,11 @@ _COTANGENTS = {Curvature.GGN: "type2", Curvature.FISHER_MC: "mc", Curvature.EMPI
 
 
 def fisher_type(value: Any) -> str:
-    """The Fisher type ``value`` names, as the capture engine's cotangent name (``type2``, ``mc``,
-    ``empirical``); raises for an unknown name or for ``hessian`` (not a sum of outer products)."""
+    """Return the Fisher type ``value`` names, as the capture engine's cotangent name.
+
+    The names are ``type2``, ``mc`` and ``empirical``; raises for an unknown name or for ``hessian`` (not a
+    sum of outer products).
+    """
     kind = curvature(value)
     if kind is Curvature.HESSIAN:
         raise ValueError("the Hessian is not a Fisher-type curvature (not a sum of outer products): use 'ggn', "
@@ -98,7 +101,7 @@ def fisher_type(value: Any) -> str:
 
 
 def mc_samples_of(mc_samples: Any = None, samples: Any = None, default: int = 1) -> int:
-    """The Monte-Carlo sample count from ``mc_samples`` or its older spelling ``samples`` (not both)."""
+    """Return the Monte-Carlo sample count from ``mc_samples`` or its older spelling ``samples`` (not both)."""
     if mc_samples is not None and samples is not None and mc_samples != samples:
         raise ValueError(f"give the number of Monte-Carlo samples once: mc_samples={mc_samples!r} and "
                          f"samples={samples!r}")

@@ -65,6 +65,7 @@ class Approximation(BlockDiagonal):
 
     @property
     def structure(self) -> str:
+        """The representation's short name (``kron``, ``eigen_kron``, ``block`` …), set by the builder."""
         return self._structure
 
     def resolve_mode(self, mode: str) -> str:

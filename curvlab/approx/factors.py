@@ -78,14 +78,17 @@ class KronPiece:
 
     @property
     def folded(self) -> bool:
+        """Whether the bias is folded into A as the last input (weight and bias both included)."""
         return self.weight and self.bias
 
     @property
     def size(self) -> int:
+        """The number of parameters, stop − start."""
         return self.stop - self.start
 
     @property
     def d_out(self) -> int:
+        """The layer's number of outputs (the size of G)."""
         return self.io.g.shape[-1]
 
     @property
@@ -97,10 +100,11 @@ class KronPiece:
 
     @property
     def positions(self) -> int:
+        """T, the layer's number of positions per sample (1 without weight sharing)."""
         return self.io.positions
 
     def inputs(self) -> Tensor:
-        """The inputs of this piece, (N, T, d_in): a, [a, 1] or 1."""
+        """Return the inputs of this piece, (N, T, d_in): a, [a, 1] or 1."""
         if self._inputs is None:
             a = self.io.a
             if not self.weight:
@@ -117,7 +121,7 @@ class KronPiece:
         return self.io.g
 
     def input_factor(self, approx: str = "expand") -> Tensor:
-        """A (see the module docstring)."""
+        """Return the input factor a (see the module docstring)."""
         a = self.io.a
         n, t, d = a.shape
         if not self.weight:  # the constant input 1
@@ -180,7 +184,7 @@ class KronPiece:
         return _chunks(n, k * self.d_out * self.d_in * self.io.a.element_size())
 
     def exact_trace(self) -> Tensor:
-        """tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
+        """Return tr F = Σ_n Σ_k ‖V_nk‖²_F, the trace of the exact block (without forming it)."""
         a, g = self.inputs(), self.grads
         k, n, t, _ = g.shape
         if t == 1:
@@ -222,7 +226,7 @@ class Collection:
     plans: list[BlockPlan]
 
     def exact_block(self, block: Block) -> CurvatureMatrix:
-        """The oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
+        """Return the oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
         return block_from_capture(self.cap, Partition([block])).blocks[0]
 
 
@@ -245,7 +249,7 @@ def _unsupported_error(prob: Problem, names: list[str], method: str, offer_exact
 
 
 def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, unsupported: str) -> None:
-    """The options every approximator shares, checked before any pass over the data (ValueError/TypeError)."""
+    """Check the options every approximator shares before any pass over the data (raise ValueError/TypeError)."""
     if fisher is not None:
         try:
             fisher_type(fisher)

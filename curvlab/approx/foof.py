@@ -1,5 +1,7 @@
-"""FOOF: gradient descent on neurons (Benzing, ICML 2022, "Gradient Descent on Neurons and its Link
-to Approximate Second-Order Optimization"; also curvlinops' ``FisherType.FORWARD_ONLY``, ISAAC).
+"""FOOF: gradient descent on neurons (Benzing, ICML 2022).
+
+Benzing, "Gradient Descent on Neurons and its Link to Approximate Second-Order Optimization";
+also curvlinops' ``FisherType.FORWARD_ONLY``, ISAAC.
 
 Take a gradient step on every sample's pre-activations, Δz_n = −η g_n, and find the weight change
 that realises these changes best in least squares,

@@ -287,6 +287,7 @@ class GroupedSummary:
 
     @property
     def num_subsets(self) -> int:
+        """S, the number of subsets of the partition."""
         return len(self.subsets)
 
     @property
@@ -318,7 +319,7 @@ class GroupedSummary:
         return self._third_full
 
     def step(self, eta: Tensor) -> Tensor:
-        """The displacement θ⁺ − θ = −U I_{P:S} η, i.e. −η_i u_{T_i} on subset i (flat (P,))."""
+        """Return the displacement θ⁺ − θ = −U I_{P:S} η, i.e. −η_i u_{T_i} on subset i (flat (P,))."""
         eta = torch.as_tensor(eta, dtype=self.direction.dtype, device=self.direction.device)
         if eta.shape != (self.num_subsets,):
             raise ValueError(f"eta must have shape ({self.num_subsets},); got {tuple(eta.shape)}")
@@ -545,7 +546,7 @@ def _secular(H: np.ndarray, g: np.ndarray, d: np.ndarray, lam: float):
 
 
 def _r0_numerical(H: np.ndarray, d: np.ndarray, lam: float, max_expansions: int) -> float | None:
-    """The r where λ_min(H + (λ/2) r D²) crosses 0 (grnewt ``compute_x0``, "Numerical"); None if none.
+    """Return the r where λ_min(H + (λ/2) r D²) crosses 0 (grnewt ``compute_x0``, "Numerical"); None if none.
 
     λ_min(H + (λ/2) r D²) is concave and non-decreasing in r, so once it stops increasing it never
     becomes positive (grnewt stops when it decreases; a constant one would loop there).
@@ -597,7 +598,7 @@ def _start(f, r0: float) -> tuple[float, float | None]:
 
 def _nesterov(H: np.ndarray, g: np.ndarray, d: np.ndarray, lam: float, pd: bool, d_threshold: float,
               max_expansions: int, maxiter: int, xtol: float) -> dict[str, Any]:
-    """The root r of the secular equation on [r₀, r₁] and η (grnewt ``nesterov_lrs``), or a fallback."""
+    """Return the root r of the secular equation on [r₀, r₁] and η (grnewt ``nesterov_lrs``), or a fallback."""
     zero = np.zeros_like(g)
     report: dict[str, Any] = dict(hessian_pd=pd, d_singular=bool((d <= d_threshold).any()))
     r0, how = _r0(H, d, lam, pd, d_threshold, max_expansions)

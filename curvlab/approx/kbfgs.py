@@ -1,5 +1,7 @@
-"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS curvature along a trajectory (Goldfarb, Ren &
-Bahamou, NeurIPS 2020, arXiv 2006.08877; convolutions: Ren, Bahamou & Goldfarb 2021, arXiv 2102.06737).
+"""K-BFGS and K-BFGS(L): Kronecker-factored BFGS curvature along a trajectory.
+
+Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; convolutions: Ren, Bahamou & Goldfarb 2021,
+arXiv 2102.06737.
 
 Each layer z = W h (+ b) keeps a Kronecker-factored inverse-curvature model H_a ⊗ H_g with
 
@@ -89,7 +91,7 @@ def _check_pair(s: Tensor, y: Tensor, dim: int | None = None) -> None:
 
 
 def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
-    """The BFGS update of an inverse-Hessian approximation: H⁺ = (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ.
+    """Return the BFGS update of an inverse-Hessian approximation: H⁺ = (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ.
 
     ρ = 1/sᵀy. Computed in O(d²) as H + (ρ + ρ² yᵀHy) ssᵀ − ρ(Hy sᵀ + s (Hy)ᵀ) and symmetrised, so
     the result is exactly symmetric; it satisfies the secant equation H⁺y = s and is positive
@@ -146,8 +148,11 @@ def lm_damping(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, bool]:
 
 @dataclass
 class DampedPair:
-    """A curvature pair after :func:`double_damping`: which stages triggered; ``skipped`` names the
-    reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it was applied."""
+    """A curvature pair after :func:`double_damping`, and which stages triggered.
+
+    ``skipped`` names the reason the update was skipped (:func:`bfgs_skip_reason`), ``None`` when it
+    was applied.
+    """
 
     s: Tensor
     y: Tensor
@@ -157,8 +162,10 @@ class DampedPair:
 
 
 def double_damping(s: Tensor, y: Tensor, Hy: Tensor, *, mu2: float, mu1: float = 0.2) -> DampedPair:
-    """Double damping (DD) of Goldfarb, Ren & Bahamou (2020): :func:`powell_damping` with μ₁ on the
-    H side, then :func:`lm_damping` with μ₂ (= √λ in K-BFGS) on the new pair.
+    """Apply the double damping (DD) of Goldfarb, Ren & Bahamou (2020) to a pair (s, y).
+
+    :func:`powell_damping` with μ₁ on the H side, then :func:`lm_damping` with μ₂ (= √λ in K-BFGS)
+    on the new pair.
 
     Afterwards sᵀy ≥ μ₂‖s‖² (with equality when the LM stage triggered), so sᵀy > 0 for s ≠ 0 and
     the BFGS update keeps H positive definite. ``Hy`` is the current H applied to y.
@@ -270,6 +277,7 @@ class KBFGSCounters:
     input_skipped: int = 0  # of which skipped
 
     def as_dict(self) -> dict[str, int]:
+        """Return the counters as a plain dict {stage: count}."""
         return dict(self.__dict__)
 
 
@@ -328,11 +336,12 @@ class KBFGSLayerState:
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias (folded into H_a as the last input)."""
         return self.bias is not None
 
     # -- layout --------------------------------------------------------------------------------
     def to_matrix(self, v: Tensor) -> Tensor:
-        """This layer's slice of a flat parameter-order vector → the d_out × d_in matrix [W b]."""
+        """Reshape this layer's slice of a flat parameter-order vector into the d_out × d_in matrix [W b]."""
         if v.shape != (self.stop - self.start,):
             raise ValueError(f"layer {self.name!r} takes a vector of length {self.stop - self.start}; "
                              f"got shape {tuple(v.shape)}")
@@ -342,15 +351,17 @@ class KBFGSLayerState:
         return torch.cat([v[:w].reshape(self.d_out, self.d_in - 1), v[w:, None]], dim=1)
 
     def from_matrix(self, X: Tensor) -> Tensor:
-        """The d_out × d_in matrix [W b] → flat parameter order (weight row-major, then bias)."""
+        """Flatten the d_out × d_in matrix [W b] into parameter order (weight row-major, then bias)."""
         if not self.has_bias:
             return X.reshape(-1)
         return torch.cat([X[:, :-1].reshape(-1), X[:, -1]])
 
     # -- input side ------------------------------------------------------------------------------
     def observe(self, A_batch: Tensor, decay: float, damping: float) -> None:
-        """A ← A_batch at the first call, else βA + (1 − β)A_batch; A_LM = A + √λI; at the first
-        call H_a = A_LM⁻¹ (the only explicit inverse)."""
+        """Update the input factor: A ← A_batch at the first call, else βA + (1 − β)A_batch.
+
+        A_LM = A + √λI; at the first call H_a = A_LM⁻¹ (the only explicit inverse).
+        """
         if A_batch.shape != (self.d_in, self.d_in):
             raise ValueError(f"layer {self.name!r}: the input factor must be {self.d_in}×{self.d_in}; got "
                              f"{tuple(A_batch.shape)}")
@@ -459,8 +470,11 @@ class LayerStatistics:
 
 @dataclass
 class KBFGSStatistics:
-    """What :func:`kbfgs_statistics` returns: the loss and flat gradient ∇L(θ) of the batch, and the
-    per-layer statistics by layer name (module name; ``"(root)"`` for a bare layer)."""
+    """What :func:`kbfgs_statistics` returns.
+
+    The loss and flat gradient ∇L(θ) of the batch, and the per-layer statistics by layer name
+    (module name; ``"(root)"`` for a bare layer).
+    """
 
     theta: Tensor
     loss: float
@@ -579,6 +593,7 @@ class KBFGS:
 
     @property
     def damping(self) -> float:
+        """λ > 0: A_LM = A + √λI and μ₂ = √λ (settable; must be finite and positive)."""
         return self._damping
 
     @damping.setter
@@ -626,7 +641,7 @@ class KBFGS:
             layer.observe(A, self.input_decay, self.damping)
 
     def precondition(self, grad: Tensor) -> Tensor:
-        """The K-BFGS direction −H_g D̄ H_a per layer for a flat (momentum) gradient (P,), flat (P,)."""
+        """Return the K-BFGS direction −H_g D̄ H_a per layer for a flat (momentum) gradient (P,), flat (P,)."""
         if not isinstance(grad, Tensor) or grad.shape != (self.num_params,):
             raise ValueError(f"grad must be a flat tensor of shape ({self.num_params},); got "
                              f"{tuple(getattr(grad, 'shape', ()))}")
@@ -637,9 +652,11 @@ class KBFGS:
         return out
 
     def update_from_step(self, before: KBFGSStatistics, after: KBFGSStatistics) -> dict[str, DampedPair]:
-        """The updates after a step, from the statistics of the *same* minibatch before and after it:
-        per layer, H_g from (z̄ − z̄⁺, ḡ − ḡ⁺) (EMA, double damping, skip rule), then the
-        Hessian-action update of H_a with the batch's h̄ (before). Returns the damped pairs by layer."""
+        """Update after a step, from the statistics of the *same* minibatch before and after it.
+
+        Per layer, H_g from (z̄ − z̄⁺, ḡ − ḡ⁺) (EMA, double damping, skip rule), then the
+        Hessian-action update of H_a with the batch's h̄ (before). Returns the damped pairs by layer.
+        """
         self._check_stats(before, "before")
         self._check_stats(after, "after")
         if before.num_samples != after.num_samples:
@@ -666,6 +683,7 @@ class KBFGS:
 
     @property
     def options(self) -> dict[str, Any]:
+        """The state's hyperparameters as keyword arguments (damping, decays, μ₁, skip threshold, γ, history)."""
         opts: dict[str, Any] = {"damping": self.damping, "input_decay": self.input_decay,
                                 "pair_decay": self.pair_decay, "mu1": self.mu1,
                                 "skip_threshold": self.skip_threshold, "gamma": self.gamma}
@@ -674,7 +692,7 @@ class KBFGS:
         return opts
 
     def curvature(self) -> Approximation:
-        """The curvature the state stands for, aligned with ``prob.partition`` (``structure="quasi_newton"``).
+        """Return the curvature the state stands for, aligned with ``prob.partition`` (``structure="quasi_newton"``).
 
         One ``Kron(A = H_a⁻¹, G = H_g⁻¹, bias folded)`` per layer (a nested Approximation when a block
         holds several layers), so ``direction(g, 0)`` = −``solve(g, 0)`` = :meth:`precondition` (g):

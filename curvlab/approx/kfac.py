@@ -1,5 +1,6 @@
-"""KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; weight sharing: Grosse &
-Martens 2016 for convolutions, Eschenhagen et al. 2023 for expand/reduce).
+"""KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015).
+
+Weight sharing: Grosse & Martens 2016 for convolutions, Eschenhagen et al. 2023 for expand/reduce.
 
 Each layer's block of the Fisher/GGN, F = Σ_n Σ_k vec(V_nk) vec(V_nk)ᵀ with per-sample weight
 gradients V_nk = Σ_t g_nkt a_ntᵀ, is approximated by a single Kronecker product

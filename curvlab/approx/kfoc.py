@@ -1,5 +1,6 @@
-"""KFOC: the Frobenius-optimal single Kronecker product of each exact block (Van Loan & Pitsianis
-1993; for curvature: Schnaus et al. 2021, Koroko et al. 2022; curvlinops' ``KFOCLinearOperator``).
+"""KFOC: the Frobenius-optimal single Kronecker product of each exact block (Van Loan & Pitsianis 1993).
+
+For curvature: Schnaus et al. 2021, Koroko et al. 2022; curvlinops' ``KFOCLinearOperator``.
 
 For a layer block F (bias folded, rows and columns indexed (output o, input i)), the Van Loan
 rearrangement R(F)[(o,o'), (i,i')] = F[(o,i), (o',i')] turns Kronecker products into rank-one

@@ -1,5 +1,6 @@
-"""TKFAC and TEKFAC: trace-restricted Kronecker factorisations (Gao et al., AAAI 2021, arXiv
-2011.10741; Gao et al., arXiv 2011.13609).
+"""TKFAC and TEKFAC: trace-restricted Kronecker factorisations.
+
+Gao et al., AAAI 2021, arXiv 2011.10741; Gao et al., arXiv 2011.13609.
 
 **TKFAC** keeps the trace of each exact block: F ≈ c · A ⊗ G with
 

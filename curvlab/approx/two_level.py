@@ -157,7 +157,7 @@ def _tselepidis_matrix(prob: Problem, col, Z: Tensor, owner_slices: list[slice])
 
 
 def _folded(piece, v: Tensor) -> Tensor:
-    """A piece's column in its folded (p, q) layout."""
+    """Return a piece's column in its folded (p, q) layout."""
     from curvlab.linalg.layout import KronLayout
 
     return KronLayout(piece.d_out, piece.d_in, piece.folded).to_mats(v[:, None])[0]
@@ -259,12 +259,14 @@ class TwoLevel(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``two_level``."""
         return "two_level"
 
     def __repr__(self) -> str:
         return f"TwoLevel({self.coarse}, P={self.size}, k={self.basis.shape[1]}, fine={self.fine_rule})"
 
     def resolve_mode(self, mode: str) -> str:
+        """See CurvatureMatrix.resolve_mode; ``own`` is the additive two-level step."""
         return super().resolve_mode("additive" if mode == "own" else mode)
 
     # ---------------------------------------------------------------------------- the paper's update
@@ -278,7 +280,7 @@ class TwoLevel(CurvatureMatrix):
         return fine_solve(self.kfac, V, lam, self.fine_rule) + self.basis @ self._coarse_solve(self.basis.T @ V, lam)
 
     def direction(self, g: Tensor, damping: Damping = 0.0, mode: str = "additive") -> Tensor:
-        """The update: the paper's additive two-level step by default (``mode="exact"``: −(M₂ + λI)⁻¹g)."""
+        """Return the update: the paper's additive two-level step by default (``mode="exact"``: −(M₂ + λI)⁻¹g)."""
         return super().direction(g, damping, mode)
 
     # ---------------------------------------------------------------------------- diagnostics
@@ -327,6 +329,7 @@ class TwoLevel(CurvatureMatrix):
         return self.kfac @ V - B @ torch.linalg.solve(W, B.T @ V)
 
     def to_dense(self) -> Tensor:
+        """Return M₂ = K − B W⁻¹ Bᵀ densely (B = KZ, W = ZᵀFZ + ZᵀKZ; symmetrised)."""
         memory.check(self.shape, self.dtype, "the dense form of a two-level matrix")
         B, W = self._low_rank_part()
         M = self.kfac.to_dense() - B @ torch.linalg.solve(W, B.T)
@@ -348,6 +351,7 @@ class TwoLevel(CurvatureMatrix):
         return Eigh(w, Q)
 
     def diagonal(self) -> Tensor:
+        """Return diag(M₂) = diag(K) − diag(B W⁻¹ Bᵀ), shape (P,)."""
         B, W = self._low_rank_part()
         return self.kfac.diagonal() - (B * torch.linalg.solve(W, B.T).T).sum(1)
 
@@ -366,4 +370,5 @@ class TwoLevel(CurvatureMatrix):
                         self.coarse_sizes, self.coarse, self.fine_rule)
 
     def info(self) -> dict[str, Any]:
+        """Return the coarse space, its number of columns and the fine damping rule."""
         return {"coarse": self.coarse, "columns": int(self.basis.shape[1]), "fine_rule": self.fine_rule}

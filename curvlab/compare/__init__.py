@@ -1,4 +1,4 @@
-"""Comparators: how close is one curvature matrix (or update direction) to another?
+"""Comparators: how close one curvature matrix (or update direction) is to another.
 
     cl.compare.cosine(A, B)            # Frobenius cosine, whole and per block   (matrices.py)
     cl.compare.relative_error(A, B)    # ‖A − B‖_F / ‖B‖_F, whole and per block

@@ -1,4 +1,4 @@
-"""Update-direction agreement: do the steps of different curvatures point the same way?
+"""Update-direction agreement: whether the steps of different curvatures point the same way.
 
 For a gradient g and a damping λ, method m gives a direction x_m: a CurvatureMatrix C_m gives
 ``C_m.direction(g, λ, mode)`` (``mode="exact"``: x = −(C_m + λI)⁻¹ g; other modes are the method's
@@ -53,7 +53,7 @@ class DirectionComparison:
     damping: float
 
     def table(self) -> str:
-        """A plain-text table of the per-method numbers."""
+        """Return a plain-text table of the per-method numbers."""
         head = f"{'method':<14}{'‖x‖':>11}{'gᵀx':>11}{'energy err':>12}{'α':>9}{'predicted':>12}{'actual':>12}"
         rows = [head]
         for i, n in enumerate(self.names):
@@ -64,7 +64,7 @@ class DirectionComparison:
 
 
 def direction_of(method: Method, g: Tensor, damping: float, mode: str = "exact") -> Tensor:
-    """The direction a method takes: ``C.direction(g, λ, mode)`` or ``f(g, λ)`` for a callable."""
+    """Return the direction a method takes: ``C.direction(g, λ, mode)`` or ``f(g, λ)`` for a callable."""
     if isinstance(method, CurvatureMatrix):
         return method.direction(g, damping, mode=mode)
     if callable(method):
@@ -85,7 +85,7 @@ def energy_norm(C: CurvatureMatrix, v: Tensor, damping: float = 0.0) -> float:
 
 def step_size(step: float | str, x: Tensor, g: Tensor, model: CurvatureMatrix | None,
               loss: Callable[[Tensor], float] | None, loss0: float | None = None) -> float:
-    """The step size α for direction x under the rule ``step`` (see the module docstring)."""
+    """Return the step size α for direction x under the rule ``step`` (see the module docstring)."""
     if isinstance(step, (int, float)) and not isinstance(step, bool):
         if not math.isfinite(step):
             raise ValueError(f"a learning rate must be finite; got {step}")

@@ -77,7 +77,7 @@ def _check_pair(A: CurvatureMatrix, B: CurvatureMatrix) -> None:
 
 
 def restrict(C: CurvatureMatrix, s: slice) -> CurvatureMatrix:
-    """The principal submatrix C[s, s] (``C.restrict(s)``: in C's structure, cached on C)."""
+    """Return the principal submatrix C[s, s] (``C.restrict(s)``: in C's structure, cached on C)."""
     if not isinstance(C, CurvatureMatrix):
         raise TypeError(f"C must be a curvlab CurvatureMatrix; got {type(C).__name__}")
     return C.restrict(s)
@@ -85,7 +85,7 @@ def restrict(C: CurvatureMatrix, s: slice) -> CurvatureMatrix:
 
 def partition_of(A: CurvatureMatrix, B: CurvatureMatrix | None = None,
                  blocks: BlockSpec | None = None) -> list[tuple[str, slice]]:
-    """The blocks a comparison reports: ``blocks`` if given, else A's, else B's (one block "all")."""
+    """Return the blocks a comparison reports: ``blocks`` if given, else A's, else B's (one block "all")."""
     if blocks is not None:
         out = [(str(n), s) for n, s in blocks]
     elif len(A.blocks) > 1 or B is None:
@@ -103,7 +103,7 @@ _INNER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def inner(A: CurvatureMatrix, B: CurvatureMatrix) -> Tensor:
-    """⟨A, B⟩_F = Σ_ij A_ij B_ij (``A.inner(B)``: from the structures, see the module docstring).
+    """Return ⟨A, B⟩_F = Σ_ij A_ij B_ij (``A.inner(B)``: from the structures, see the module docstring).
 
     Matrices are immutable, so the value is memoised per pair (a cosine and a relative error of the
     same pair share it).
@@ -122,7 +122,7 @@ def frobenius(C: CurvatureMatrix) -> Tensor:
 
 
 def difference_norm(A: CurvatureMatrix, B: CurvatureMatrix) -> Tensor:
-    """‖A − B‖_F without forming A − B densely when a structure allows it (``A.difference_norm(B)``)."""
+    """Return ‖A − B‖_F without forming A − B densely when a structure allows it (``A.difference_norm(B)``)."""
     _check_pair(A, B)
     return A.difference_norm(B)
 
@@ -153,7 +153,7 @@ def cosine(A: CurvatureMatrix, B: CurvatureMatrix, blocks: BlockSpec | None = No
 
 
 def relative_error(A: CurvatureMatrix, B: CurvatureMatrix, blocks: BlockSpec | None = None) -> Blockwise:
-    """‖A − B‖_F / ‖B‖_F with B the reference, whole and per block (NaN if ‖B‖_F = 0).
+    """Return ‖A − B‖_F / ‖B‖_F with B the reference, whole and per block (NaN if ‖B‖_F = 0).
 
     The whole-matrix value counts everything A misses, e.g. for a block-diagonal A the cross-block
     mass of B; a per-block value compares only the diagonal blocks A_bb and B_bb.
@@ -169,7 +169,7 @@ def trace_ratio(A: CurvatureMatrix, B: CurvatureMatrix, damping: float = 0.0,
 
 def logdet_difference(A: CurvatureMatrix, B: CurvatureMatrix, damping: float = 0.0,
                       blocks: BlockSpec | None = None) -> Blockwise:
-    """log det(A + λI) − log det(B + λI), whole and per block.
+    """Return log det(A + λI) − log det(B + λI), whole and per block.
 
     Uses each matrix's own logdet (cached eigenvalues, a Cholesky factor, or per-block / per-factor
     structure). Raises ValueError when A + λI or B + λI is not positive definite (e.g. an

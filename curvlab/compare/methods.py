@@ -83,7 +83,7 @@ _LOW_RANK = ("low_rank", "block_low_rank")
 
 
 def _read_off(structure: str, full: Any, prob: Problem) -> CurvatureMatrix | None:
-    """A block, diagonal or block-low-rank matrix read off a cached full one (None: nothing to read)."""
+    """Return a block, diagonal or block-low-rank matrix read off a cached full one (None: nothing to read)."""
     if structure == "diag" and isinstance(full, Dense):
         return Diagonal(full.matrix.diagonal().clone())
     if structure == "block" and isinstance(full, Dense):
@@ -115,8 +115,10 @@ def _exact_builder(alias: str, structure: str) -> Builder:
 
 
 def low_rank_variant(name: str) -> str | None:
-    """The low-rank registry name of an exact Fisher-type method (``ggn`` → ``ggn-low-rank``, ``ef-block``
-    → ``ef-block-low-rank``), or None for every other method."""
+    """Return the low-rank registry name of an exact Fisher-type method, or None for every other method.
+
+    For example ``ggn`` → ``ggn-low-rank``, ``ef-block`` → ``ef-block-low-rank``.
+    """
     s = spec(name)
     alias = s.name.removesuffix("-block")
     if s.family != "exact" or s.structure not in ("full", "block") or alias not in _KINDS or alias == "hessian":
@@ -125,8 +127,11 @@ def low_rank_variant(name: str) -> str | None:
 
 
 def factor_rows(name: str, prob: Problem, mc_samples: int = 1) -> int:
-    """r, the number of factor rows U (r × P) of an exact Fisher-type method: N·C for the GGN (C = the
-    outputs per sample), N·S for the Monte-Carlo Fisher (S labels per input), N for the empirical Fisher."""
+    """Return r, the number of factor rows U (r × P) of an exact Fisher-type method.
+
+    N·C for the GGN (C = the outputs per sample), N·S for the Monte-Carlo Fisher (S labels per input),
+    N for the empirical Fisher.
+    """
     alias = spec(name).name.split("-block")[0].removesuffix("-low-rank")
     per = {"ggn": prob.num_outputs, "fisher-mc": int(mc_samples), "ef": 1}
     if alias not in per:
@@ -265,7 +270,7 @@ def names() -> list[str]:
 
 
 def canonical(name: str) -> str:
-    """The registered name for ``name`` or one of its :data:`ALIASES`; raises ValueError for unknown names."""
+    """Return the registered name for ``name`` or one of its :data:`ALIASES`; raises ValueError for unknown names."""
     if not isinstance(name, str):
         raise TypeError(f"a method name must be a string; got {type(name).__name__}")
     key = name.strip().lower()
@@ -276,7 +281,7 @@ def canonical(name: str) -> str:
 
 
 def spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` of a method name."""
+    """Return the :class:`MethodSpec` of a method name."""
     return REGISTRY[canonical(name)]
 
 

@@ -125,7 +125,7 @@ def _versions() -> dict[str, str]:
 
 
 def _attr(v: Any) -> str | int | float:
-    """A netCDF-safe attribute value (plain str, int or float)."""
+    """Return a netCDF-safe attribute value (plain str, int or float)."""
     if isinstance(v, (bool, np.bool_)):
         return int(v)
     if isinstance(v, str):
@@ -171,8 +171,9 @@ def check_arguments(methods: Sequence[str] | Mapping[str, Any] = _methods.DEFAUL
                     references: Sequence[str] | str = ("ggn",), *, k: int = 20, damping_rule: str = "own",
                     step: float | str = "armijo", mc_samples: int = 1,
                     seed: int | None = None) -> tuple[list[str], list[str], dict[str, Any], list[float]]:
-    """Check :func:`report`'s arguments without building anything; raise ``ValueError``/``TypeError`` naming
-    the offending value.
+    """Check :func:`report`'s arguments without building anything.
+
+    Raise ``ValueError``/``TypeError`` naming the offending value.
 
     Returns (method names in order, reference names, custom objects by name, dampings as floats).
     The command line calls it before loading the problem, so that a typo costs no computation.
@@ -254,7 +255,7 @@ class _Setup:
         return None if name in self.custom else _methods.spec(name)
 
     def mode_of(self, name: str) -> str:
-        """The damping rule of a method's directions (registry "own" follows damping_rule)."""
+        """Return the damping rule of a method's directions (registry "own" follows damping_rule)."""
         s = self.spec_of(name)
         if s is None:
             return "exact"
@@ -263,7 +264,7 @@ class _Setup:
         return s.mode
 
     def empty(self, *dims: str) -> xr.DataArray:
-        """A NaN array with the named dimensions and their coordinates, to be filled by label."""
+        """Return a NaN array with the named dimensions and their coordinates, to be filled by label."""
         values = {"reference": lambda: self.refs, "block": lambda: self.block_names, "damping": lambda: self.dampings,
                   "top": lambda: np.arange(1, self.k + 1), "factor": lambda: ["A", "G"],
                   "eig": lambda: np.arange(self.P), "method": lambda: self.order, "versus": lambda: self.order}
@@ -272,8 +273,11 @@ class _Setup:
 
 
 class _Progress:
-    """Stage-by-stage progress: a tqdm bar with time left on stderr (``progress=True``), a callable told
-    each stage's message, or nothing (``None``/``False``)."""
+    """Stage-by-stage progress of a report.
+
+    A tqdm bar with time left on stderr (``progress=True``), a callable told each stage's message, or
+    nothing (``None``/``False``).
+    """
 
     def __init__(self, progress: bool | Callable[[str], None] | None, total: int, desc: str) -> None:
         self.say = progress if callable(progress) else None
@@ -285,7 +289,7 @@ class _Progress:
         self.started = False
 
     def stage(self, msg: str) -> None:
-        """The previous stage is done; ``msg`` starts."""
+        """Mark the previous stage done and start stage ``msg``."""
         if self.bar is not None:
             if self.started:
                 self.bar.update(1)
@@ -363,15 +367,18 @@ def _footprint(s: _Setup, entry: str | None) -> tuple[int, int]:
 
 
 def _kind_of(entry: str | None) -> str:
-    """"low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
+    """Return how a method entry takes part in Frobenius products: "low", "cheap" or "other".
+
+    "low" for an entry held through factors, "cheap" for one whose Frobenius products with those have a
     shortcut (a diagonal; a direction has none to take), else "other" (a dense twin is built for those, see
-    ``_Builds.twin``)."""
+    ``_Builds.twin``).
+    """
     st = _methods.REGISTRY[entry].structure if entry else "vector"
     return "low" if st in _LOW_RANK_REPS else "cheap" if st in ("diag", "vector") else "other"
 
 
 def _twin_bytes(s: _Setup, entries: Mapping[str, str | None], m: str) -> int:
-    """The transient dense twin of a low-rank matrix compared with another structure while method m is processed."""
+    """Return the bytes of the transient dense twin of a low-rank matrix compared with another structure (method m)."""
     kinds = {_kind_of(entries[a]) for a in s.anchors}
     mine = _kind_of(entries[m])
     if (mine == "other" and "low" in kinds) or (mine == "low" and "other" in kinds):
@@ -390,7 +397,7 @@ def _needed_later(s: _Setup, entries: Mapping[str, str | None], pending: Sequenc
 
 
 def _peak(s: _Setup, entries: Mapping[str, str | None]) -> tuple[int, dict[str, int]]:
-    """The most bytes held at once when the methods are processed in order and released when done."""
+    """Return the most bytes held at once when the methods are processed in order and released when done."""
     foot = {n: _footprint(s, e) for n, e in entries.items()}
     anchors = s.anchors
     peak = sum(foot[a][0] for a in anchors) + max([foot[a][1] for a in anchors] or [0])
@@ -441,8 +448,11 @@ _CHEAP_WITH_LOW_RANK = ("low_rank", "block_low_rank", "diag", "vector")
 
 
 def _representation(obj: Any) -> str:
-    """What a built method is: its matrix's ``structure`` (``full``, ``low_rank``, ``kron`` …; a block-diagonal
-    of one structure X is ``block_X``, e.g. ``block_low_rank``), or ``vector`` for a direction callable."""
+    """Return what a built method is: its matrix's ``structure``, or ``vector`` for a direction callable.
+
+    Structures are ``full``, ``low_rank``, ``kron`` …; a block-diagonal of one structure X is ``block_X``,
+    e.g. ``block_low_rank``.
+    """
     if not isinstance(obj, CurvatureMatrix):
         return "vector"
     rep = obj.structure
@@ -462,7 +472,7 @@ class _Builds:
         self.skipped: list[str] = []
 
     def get(self, name: str) -> Any | None:
-        """The method's matrix or direction callable (None: it failed and is skipped)."""
+        """Return the method's matrix or direction callable (None: it failed and is skipped)."""
         if name not in self.built:
             obj = self._build(name)
             if obj is None:
@@ -506,9 +516,11 @@ class _Builds:
                 b.eigh()
 
     def frobenius_pair(self, name: str, C: CurvatureMatrix, ref: str, B: CurvatureMatrix) -> tuple[Any, Any]:
-        """The operands of the Frobenius comparisons of method ``name`` with reference ``ref``: a matrix held
-        low-rank is replaced by its dense twin when the other one is of a structure without a shortcut for
-        low-rank operands (full, block, Kronecker …; see :meth:`twin`)."""
+        """Return the operands of the Frobenius comparisons of method ``name`` with reference ``ref``.
+
+        A matrix held low-rank is replaced by its dense twin when the other one is of a structure without a
+        shortcut for low-rank operands (full, block, Kronecker …; see :meth:`twin`).
+        """
         mine, theirs = self.representation.get(name), self.representation.get(ref)
         if mine in _LOW_RANK_REPS and theirs not in _CHEAP_WITH_LOW_RANK:
             return self.twin(name) or C, B
@@ -517,7 +529,7 @@ class _Builds:
         return C, B
 
     def twin(self, name: str) -> CurvatureMatrix | None:
-        """The oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
+        """Return the oracle's dense form of an exact matrix held low-rank, built afresh (not kept), if it fits.
 
         ⟨A, s·UᵀU⟩ with a matrix A of another structure goes through products of A with the r rows of U
         (for a dense A 2·P²·r flops, r = N·C), and ‖A − s·UᵀU‖ through that again; the oracle builds the
@@ -576,7 +588,7 @@ class _References:
 
 
 def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
-    """log det(C + λI) on the whole matrix ('all') and on each diagonal block; NaN where not positive definite."""
+    """Return log det(C + λI) on the whole matrix ('all') and on each block; NaN where not positive definite."""
     out = {}
     for name, sl in [("all", slice(0, s.P)), *s.block_spec]:
         try:
@@ -588,8 +600,10 @@ def _logdets(s: _Setup, C: CurvatureMatrix, lam: float) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------- per-method tables
 def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
-    """(smallest, largest) eigenvalue: from the (cached) eigenvalues, or by Lanczos for a large dense
-    matrix in a report without full spectra."""
+    """Return the (smallest, largest) eigenvalue.
+
+    From the (cached) eigenvalues, or by Lanczos for a large dense matrix in a report without full spectra.
+    """
     dense_large = C.structure in ("full", "operator") and C.size > DENSE_EIGH_LIMIT and not C.has_eigh
     if s.full_spectrum or not dense_large:
         w = C.eigvalsh()
@@ -607,9 +621,12 @@ def _extreme_eigenvalues(s: _Setup, C: CurvatureMatrix) -> tuple[float, float]:
 
 
 def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix | None) -> xr.Dataset:
-    """eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
+    """Return the spectrum variables of one matrix.
+
+    eigenvalues (eig), fraction_below (damping), negative_mass, min_eigenvalue; positive_definite (damping):
     C + λI counts as positive definite when its smallest eigenvalue exceeds the singularity threshold of the
-    solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ))."""
+    solves, ``curvlab.linalg.base.singular_tolerance(max|eig| + λ, P)`` (√P·ε·(max|eig| + λ)).
+    """
     out = {"fraction_below": s.empty("damping"), "positive_definite": s.empty("damping"),
            "negative_mass": s.empty(), "min_eigenvalue": s.empty()}
     if s.full_spectrum:
@@ -630,7 +647,7 @@ def _spectrum_table(s: _Setup, C: CurvatureMatrix | None, ggn: CurvatureMatrix |
 
 
 def _blockwise_values(value: Any, names: Sequence[str]) -> list[float]:
-    """A comparator's Blockwise result in the order of ``names`` ('all', then the blocks)."""
+    """Return a comparator's Blockwise result in the order of ``names`` ('all', then the blocks)."""
     return [float(value.total) if n == "all" else float(value.blocks.get(n, value.total)) for n in names]
 
 
@@ -639,9 +656,12 @@ _CANCELLATION = 1e-6
 
 
 def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[float]:
-    """‖C − B‖_F/‖B‖_F whole and per block. Where two structures left only the expansion
+    """Return ‖C − B‖_F/‖B‖_F whole and per block.
+
+    Where two structures left only the expansion
     ‖C‖² + ‖B‖² − 2⟨C, B⟩ (digits lost when C ≈ B, e.g. KFAC on a layer where it is exact against a
-    low-rank GGN) and the block fits the budget thrice, the difference is taken densely."""
+    low-rank GGN) and the block fits the budget thrice, the difference is taken densely.
+    """
     out = _blockwise_values(relative_error(C, B, blocks=s.block_spec), s.block_names)
     for i, sl in enumerate(_slices(s)):
         a, b = restrict(C, sl), restrict(B, sl)
@@ -653,8 +673,11 @@ def _relative_errors(s: _Setup, C: CurvatureMatrix, B: CurvatureMatrix) -> list[
 
 def _agreement_table(s: _Setup, name: str, C: CurvatureMatrix | None, refs: _References,
                      builds: _Builds) -> xr.Dataset:
-    """cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
-    top_ratio (reference, top); wasserstein_log (reference, damping)."""
+    """Return the agreement variables of one method with the references.
+
+    cosine, relative_error (reference, block); wasserstein, subspace_overlap (reference);
+    top_ratio (reference, top); wasserstein_log (reference, damping).
+    """
     out = {"cosine": s.empty("reference", "block"), "relative_error": s.empty("reference", "block"),
            "wasserstein": s.empty("reference"), "subspace_overlap": s.empty("reference"),
            "top_ratio": s.empty("reference", "top"), "wasserstein_log": s.empty("reference", "damping")}
@@ -706,8 +729,11 @@ def _slices(s: _Setup) -> list[slice]:
 
 
 def _factor_table(s: _Setup, C: CurvatureMatrix | None, mode: str) -> xr.Dataset:
-    """factor_fraction_below (block, damping, factor): per Kronecker layer, the share of each factor's
-    eigenvalues below that factor's part of the damping (the method's factored rule, else π)."""
+    """Return factor_fraction_below (block, damping, factor) of one method.
+
+    Per Kronecker layer, the share of each factor's eigenvalues below that factor's part of the damping
+    (the method's factored rule, else π).
+    """
     out = s.empty("block", "damping", "factor")
     if C is not None:
         for lam in s.dampings:
@@ -718,7 +744,7 @@ def _factor_table(s: _Setup, C: CurvatureMatrix | None, mode: str) -> xr.Dataset
 
 
 def _factor_mode(s: _Setup, name: str, C: Any) -> str:
-    """The factored split (λ_A, λ_G) a method's factors see: its own rule if factored, else π."""
+    """Return the factored split (λ_A, λ_G) a method's factors see: its own rule if factored, else π."""
     m = s.mode_of(name)
     if m == "own":
         m = getattr(C, "own_mode", "exact")
@@ -804,7 +830,7 @@ def _scalar_table(s: _Setup, builds: _Builds, loss0: float, g: Tensor) -> xr.Dat
 
 
 def _stack(rows: Mapping[str, xr.Dataset], order: Sequence[str]) -> xr.Dataset:
-    """The per-method tables along a new ``method`` dimension, in ``order``."""
+    """Return the per-method tables along a new ``method`` dimension, in ``order``."""
     return xr.concat([rows[m].expand_dims(method=[m]) for m in order], dim="method", coords="minimal",
                      join="exact")
 
@@ -910,7 +936,7 @@ def _run(s: _Setup, plan: _Plan, bar: _Progress, skip_unavailable: bool) -> xr.D
 
 
 def _coordinates(s: _Setup, builds: _Builds) -> dict[str, xr.Variable]:
-    """The dimension coordinates and the per-method / per-block labels, with descriptions."""
+    """Return the dimension coordinates and the per-method / per-block labels, with descriptions."""
 
     def per_method(field_: str, default: str) -> np.ndarray:
         return np.array([getattr(s.spec_of(m), field_) if s.spec_of(m) is not None else default for m in s.order],
@@ -970,7 +996,7 @@ def _attributes(s: _Setup, plan: _Plan, builds: _Builds, have_ggn: bool) -> dict
 
 
 def _assemble(s: _Setup, plan: _Plan, builds: _Builds, merged: xr.Dataset, have_ggn: bool) -> xr.Dataset:
-    """The final Dataset: float64 variables with units and descriptions, coordinates, attributes."""
+    """Return the final Dataset: float64 variables with units and descriptions, coordinates, attributes."""
     data_vars = {name: xr.Variable(merged[name].dims, np.asarray(merged[name].values, dtype=np.float64),
                                    attrs={"units": VARIABLES[name][0], "description": VARIABLES[name][1]})
                  for name in VARIABLES if name in merged}
@@ -1069,7 +1095,10 @@ INDEFINITE_MARK = " *"
 
 
 def not_positive_definite(ds: xr.Dataset, damping: float) -> list[str]:
-    """The methods whose C + λI is not positive definite at ``damping`` (empty for reports without the variable)."""
+    """Return the methods whose C + λI is not positive definite at ``damping``.
+
+    Empty for reports without the variable.
+    """
     if "positive_definite" not in ds:
         return []
     pd = ds["positive_definite"].sel({"damping": damping}).values
@@ -1077,7 +1106,7 @@ def not_positive_definite(ds: xr.Dataset, damping: float) -> list[str]:
 
 
 def _marked(ds: xr.Dataset, damping: float) -> list[str]:
-    """The method names, those with C + λI not positive definite at ``damping`` marked."""
+    """Return the method names, those with C + λI not positive definite at ``damping`` marked."""
     bad = set(not_positive_definite(ds, damping))
     return [str(m) + (INDEFINITE_MARK if str(m) in bad else "") for m in ds.method.values]
 
@@ -1109,7 +1138,7 @@ def _definiteness_table(ds: xr.Dataset, damping: float) -> str:
 
 def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
                    damping: float | None) -> tuple[list[str], float]:
-    """The references (default: all of them) and the damping (default: the middle one) to format."""
+    """Return the references (default: all of them) and the damping (default: the middle one) to format."""
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"expected the xarray.Dataset of curvlab.compare.report; got {type(ds).__name__}")
     missing = [v for v in ("cosine", "relative_error", "direction_cosine", "step_norm", "loss") if v not in ds]
@@ -1131,7 +1160,7 @@ def _report_choice(ds: xr.Dataset, reference: str | Sequence[str] | None,
 
 
 def format_report(ds: xr.Dataset, reference: str | Sequence[str] | None = None, damping: float | None = None) -> str:
-    """The report as text: matrix agreement per block, definiteness, direction agreement and step quality.
+    """Return the report as text: matrix agreement per block, definiteness, direction agreement and step quality.
 
     ``reference``: one reference or several (default: every reference of the report, a matrix
     table and a step-quality table for each); ``damping``: one of the report's dampings (default:

@@ -58,7 +58,7 @@ def eigenvalues(C: CurvatureMatrix, descending: bool = True) -> Tensor:
 
 
 def top_eigen(C: CurvatureMatrix, k: int) -> Eigh:
-    """The k algebraically largest eigenpairs of C: values (k,) descending, vectors (P, k) orthonormal.
+    """Return the k algebraically largest eigenpairs of C: values (k,) descending, vectors (P, k) orthonormal.
 
     ``C.top_eigen(k)``: computed once per (matrix, k) and cached; a cached full ``eigh``, the structure's
     own rule (per block, per Kronecker factor, from a low-rank Gram), a full ``eigh`` for small matrices,

@@ -45,8 +45,10 @@ _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 class ConvAsGemm(TorchFunctionMode):
-    """Within ``with ConvAsGemm():``, batched 4-D ``conv2d`` calls with groups = 1 and numeric
-    padding run as :func:`conv2d_as_gemm`."""
+    """Run ``conv2d`` as :func:`conv2d_as_gemm` within ``with ConvAsGemm():``.
+
+    Only batched 4-D ``conv2d`` calls with groups = 1 and numeric padding are rerouted.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}

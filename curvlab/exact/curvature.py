@@ -63,7 +63,7 @@ def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor
 
 def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
             chunk: int | None = None) -> CurvatureMatrix:
-    """The exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
+    """Return the exact Hessian ∇²L(θ) (vmapped Hessian-vector products over chunks of basis vectors)."""
     theta = _check(prob, structure, theta)
     if structure in LOW_RANK:
         raise ValueError(f"structure {structure!r} is for ggn, fisher_mc and empirical_fisher (sums of outer "
@@ -79,7 +79,7 @@ def hessian(prob: Problem, structure: str = "full", theta: Tensor | None = None,
 
 
 def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> CurvatureMatrix:
-    """The exact generalised Gauss-Newton matrix R Σ_n J_nᵀ ∇²_f ℓ_n J_n."""
+    """Return the exact generalised Gauss-Newton matrix R Σ_n J_nᵀ ∇²_f ℓ_n J_n."""
     theta = _check(prob, structure, theta)
     if structure == "operator":
         return operator(prob, "ggn", theta)
@@ -88,7 +88,7 @@ def ggn(prob: Problem, structure: str = "full", theta: Tensor | None = None) -> 
 
 def fisher_mc(prob: Problem, structure: str = "full", samples: int | None = None, seed: int = 0,
               theta: Tensor | None = None, *, mc_samples: int | None = None) -> CurvatureMatrix:
-    """The Monte-Carlo Fisher with ``mc_samples`` labels per input drawn from the model (unbiased for ggn).
+    """Return the Monte-Carlo Fisher with ``mc_samples`` labels per input drawn from the model (unbiased for ggn).
 
     ``samples`` is the older spelling of ``mc_samples`` (default 1). Draws come from a
     ``torch.Generator`` seeded with ``seed``: the same seed gives the same matrix.
@@ -102,7 +102,7 @@ def fisher_mc(prob: Problem, structure: str = "full", samples: int | None = None
 
 def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | None = None,
                      per: str = "sample") -> CurvatureMatrix:
-    """The empirical Fisher with the data labels, per sample or per output position.
+    """Return the empirical Fisher with the data labels, per sample or per output position.
 
     ``per="sample"`` (default): R Σ_n ∇ℓ_n ∇ℓ_nᵀ, with ℓ_n sample n's loss summed over its output
     positions — the Monte-Carlo Fisher with the true labels in place of the samples.
@@ -120,8 +120,11 @@ def empirical_fisher(prob: Problem, structure: str = "full", theta: Tensor | Non
 
 
 def get(kind: str) -> Callable[..., CurvatureMatrix]:
-    """The oracle function for a curvature kind (``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``,
-    or an older spelling: ``ef``, ``type2``, ``mc`` …; see :mod:`curvlab.vocabulary`)."""
+    """Return the oracle function for a curvature kind.
+
+    The kinds are ``hessian``, ``ggn``, ``fisher_mc``, ``empirical_fisher``, or an older spelling:
+    ``ef``, ``type2``, ``mc`` …; see :mod:`curvlab.vocabulary`.
+    """
     table = {Curvature.HESSIAN: hessian, Curvature.GGN: ggn, Curvature.FISHER_MC: fisher_mc,
              Curvature.EMPIRICAL_FISHER: empirical_fisher}
     try:

@@ -43,8 +43,11 @@ __all__ = ["hessian_dense", "hessian_block", "hessian_diag", "default_chunk", "a
 
 
 def activation_count(prob: Problem) -> int:
-    """Entries of every leaf module's output over the whole batch (from the cached survey of the
-    model): what one tangent or cotangent costs to push through the network."""
+    """Return the entries of every leaf module's output over the whole batch.
+
+    From the cached survey of the model: what one tangent or cotangent costs to push through the
+    network.
+    """
     return int(round(survey(prob).activations_per_sample * prob.num_samples))
 
 
@@ -148,7 +151,7 @@ class _Plan:
         return KronLayout(d_out, (L.stop - L.start) // d_out, L.bias is not None)
 
     def covering(self, b) -> list[str] | None:
-        """The verified layers that make up partition block b exactly (θ order), or None."""
+        """Return the verified layers that make up partition block b exactly (θ order), or None."""
         inside = [n for n, L in self.layers.items() if L.start >= b.slice.start and L.stop <= b.slice.stop]
         if sum(self.layers[n].stop - self.layers[n].start for n in inside) != b.size:
             return None
@@ -229,6 +232,7 @@ class _Plan:
 
 
 def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Dense:
+    """Return the exact Hessian ∇²L(θ) as a dense P×P matrix (layer blocks, then HVP columns)."""
     theta = prob.theta if theta is None else theta
     P = prob.num_params
     memory.check((P, P), prob.dtype, "the dense Hessian")
@@ -251,6 +255,7 @@ def hessian_dense(prob: Problem, theta: Tensor | None = None, chunk: int | None 
 
 
 def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> BlockDiagonal:
+    """Return the diagonal blocks H_bb = ∇²_{θ_b} L of the partition as a BlockDiagonal."""
     theta = prob.theta if theta is None else theta
     plan = _Plan(prob, theta)
     blocks = []
@@ -269,6 +274,7 @@ def hessian_block(prob: Problem, theta: Tensor | None = None, chunk: int | None 
 
 
 def hessian_diag(prob: Problem, theta: Tensor | None = None, chunk: int | None = None) -> Diagonal:
+    """Return the diagonal of ∇²L(θ), shape (P,), without forming the matrix."""
     theta = prob.theta if theta is None else theta
     plan = _Plan(prob, theta)
     d = torch.empty(prob.num_params, dtype=prob.dtype, device=prob.device)

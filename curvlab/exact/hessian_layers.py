@@ -75,9 +75,11 @@ __all__ = ["single_use_linear_layers", "LayerCurvature", "layer_curvature", "pai
 
 
 def single_use_linear_layers(prob: Problem, theta: Tensor | None = None) -> dict[str, nn.Linear]:
-    """The verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in)
-    inputs — the layers whose Hessian blocks :func:`pair_block` computes. ``theta`` is accepted for
-    compatibility; the survey is structural and cached on the problem."""
+    """Return the verified layers (:func:`curvlab.layers.survey`) that are ``nn.Linear`` on (N, d_in) inputs.
+
+    These are the layers whose Hessian blocks :func:`pair_block` computes. ``theta`` is accepted for
+    compatibility; the survey is structural and cached on the problem.
+    """
     return {k: L.module for k, L in survey(prob).layers.items() if L.single_position}
 
 
@@ -92,7 +94,7 @@ class LayerCurvature:
         self.delta, self.acts, self.xi, self.psi, self.has_bias = delta, acts, xi, psi, has_bias
 
     def layout(self, name: str) -> KronLayout:
-        """The folded layout [W b] of layer ``name``."""
+        """Return the folded layout [W b] of layer ``name``."""
         return KronLayout.of_layer(self.d_out[name], self.acts[name].shape[1], self.has_bias[name])
 
     def abar(self, name: str) -> Tensor:
@@ -229,34 +231,42 @@ class Site:
 
     @property
     def module(self) -> nn.Module:
+        """The layer's module."""
         return self.layer.module
 
     @property
     def rule(self) -> Rule:
+        """The layer's verified rule (linear or convolution)."""
         return self.layer.rule
 
     @property
     def start(self) -> int:
+        """Where the layer's parameters start in θ."""
         return self.layer.start
 
     @property
     def stop(self) -> int:
+        """Where the layer's parameters stop in θ."""
         return self.layer.stop
 
     @property
     def single(self) -> bool:
+        """Whether the layer is applied at a single position per sample."""
         return self.layer.single_position
 
     @property
     def positions(self) -> int:
+        """T, the layer's number of positions per sample."""
         return self.abar.shape[1]
 
     @property
     def d_out(self) -> int:
+        """The layer's number of outputs (rows of [W b])."""
         return self.layout.rows
 
     @property
     def d_in(self) -> int:
+        """The layer's number of inputs (without the bias column)."""
         return self.layout.in_features
 
     def from_z(self, x: Tensor) -> Tensor:
@@ -330,7 +340,7 @@ def _params(prob: Problem, theta: Tensor) -> dict[str, Tensor]:
 
 
 def layer_sites(prob: Problem, theta: Tensor | None = None, names: list[str] | None = None) -> dict[str, Site]:
-    """The :class:`Site` of every verified layer (or of ``names``) at θ, in firing order.
+    """Return the :class:`Site` of every verified layer (or of ``names``) at θ, in firing order.
 
     One gradient of L with respect to perturbations ε added to every layer's output gives δ; the
     layers' inputs are recorded on the way.
@@ -407,7 +417,7 @@ def _residual_rows(prob: Problem, params: dict[str, Tensor], sites: dict[str, Si
 
 def _elementwise_links(prob: Problem, params: dict[str, Tensor], sites: dict[str, Site],
                        previous: dict[str, str]) -> dict[str, Tensor]:
-    """v → s = ∂a_v/∂z_u for the consecutive pairs (u, v) that pass the link test (module docstring)."""
+    """Return v → s = ∂a_v/∂z_u for the consecutive pairs (u, v) that pass the link test (module docstring)."""
     N = prob.num_samples
     zeros = {n: torch.zeros(N, *s.z_shape, dtype=prob.dtype, device=prob.device) for n, s in sites.items()}
     cand = {}
@@ -479,8 +489,10 @@ def _param_tangents(u: Site, p0: int, p1: int) -> Tensor:
 
 
 def _expand(u: Site, g: int, R: Tensor) -> Tensor:
-    """Responses R (g·T, …) to pre-activation directions (p, t) → responses to parameter directions
-    (p, j): Σ_t ā_nt[j] R[(p, t), n, …], shape (g·q, …)."""
+    """Map responses R (g·T, …) to pre-activation directions (p, t) to parameter directions (p, j).
+
+    Σ_t ā_nt[j] R[(p, t), n, …], shape (g·q, …).
+    """
     T, q = u.positions, u.layout.cols
     Rv = R.reshape(g, T, *R.shape[1:])
     out = torch.einsum("ptn...,ntj->pjn...", Rv, u.abar)
@@ -508,7 +520,7 @@ def _weight_rows(v: Site, d_delta: Tensor | None, d_patches: Tensor | None) -> T
 # ---------------------------------------------------------------------------------- the direct route
 def _direct_map(prob: Problem, params: dict[str, Tensor], sites: dict[str, Site], u: str,
                 targets: list[str]) -> Callable[[Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """t ↦ (dδ_v for v in targets, d a_v for v in targets after u): jvp of ∇_ε L in direction t at z_u."""
+    """Return t ↦ (dδ_v for v in targets, d a_v for v after u): jvp of ∇_ε L in direction t at z_u."""
     after = tuple(v for v in targets if v != u)
     zeros = {v: torch.zeros(prob.num_samples, *sites[v].z_shape, dtype=prob.dtype, device=prob.device)
              for v in {*targets, u}}
@@ -526,8 +538,11 @@ def _direct_map(prob: Problem, params: dict[str, Tensor], sites: dict[str, Site]
 
 def direct_rows(prob: Problem, sites: dict[str, Site], u: str, targets: list[str],
                 theta: Tensor | None = None) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
-    """Yield (p0, p1, {v: X}) with X the folded rows (p, j), p0 ≤ p < p1, of H[W̄_u, W̄_v] for every v
-    in ``targets`` (u and layers after it), shape ((p1 − p0)·q_u, d_v·q_v) — the direct route."""
+    """Yield the rows of H[W̄_u, W̄_v] for the layers v in ``targets`` by the direct route.
+
+    Each item is (p0, p1, {v: X}) with X the folded rows (p, j), p0 ≤ p < p1, of H[W̄_u, W̄_v] for
+    every v in ``targets`` (u and layers after it), shape ((p1 − p0)·q_u, d_v·q_v).
+    """
     theta = prob.theta if theta is None else theta
     su = sites[u]
     resp = vmap(_direct_map(prob, _params(prob, theta), sites, u, targets))
@@ -553,8 +568,11 @@ def direct_rows(prob: Problem, sites: dict[str, Site], u: str, targets: list[str
 
 # ---------------------------------------------------------------------------------- the chained route
 def _index_maps(u: Site, v: Site) -> tuple[Tensor, Tensor, Tensor]:
-    """For the patches of v whose inputs are u's outputs reshaped: the channel and position of u
-    that each patch entry (t, i) reads, and whether it reads one at all (not padding); (T_v, d_in,v)."""
+    """Return, for each patch entry (t, i) of v, the channel and position of u that it reads.
+
+    For the patches of v whose inputs are u's outputs reshaped: the channel and position of u that
+    each patch entry (t, i) reads, and whether it reads one at all (not padding); (T_v, d_in,v).
+    """
     size = math.prod(u.z_shape)
     flat = torch.arange(size, dtype=torch.float64, device=u.abar.device)
     grid = u.from_z(flat.reshape(1, 1, *u.z_shape))[0, 0].long()  # (T_u, d_u): flat index of (t, p)
@@ -570,10 +588,11 @@ def _index_maps(u: Site, v: Site) -> tuple[Tensor, Tensor, Tensor]:
 
 def chain_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str,
                targets: list[str]) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
-    """Yield (p0, p1, {v: X}) with X the folded rows (p, j), p0 ≤ p < p1, of the Ψ terms of
-    H[W̄_u, W̄_v] for the layers v in ``targets`` after u, shape ((p1 − p0)·q_u, d_v·q_v) — the
-    chained route (module docstring). Needs the elementwise links of every layer after u
-    (``links``, from :func:`structure`).
+    """Yield the Ψ-term rows of H[W̄_u, W̄_v] for the layers v in ``targets`` after u by the chained route.
+
+    Each item is (p0, p1, {v: X}) with X the folded rows (p, j), p0 ≤ p < p1, of the Ψ terms of
+    H[W̄_u, W̄_v], shape ((p1 − p0)·q_u, d_v·q_v) — the chained route (module docstring). Needs the
+    elementwise links of every layer after u (``links``, from :func:`structure`).
 
     The direction (p, j) reaches the patches of the next layer v1 as dā[n,t,i] = s ⊙ ā_u[n, pos(t,i), j]
     on the entries (t, i) that read channel p of z_u (Z below, gathered once per group of channels,
@@ -666,8 +685,10 @@ def _flat_rows(sites: dict[str, Site], links: dict[str, Tensor], u: str, chain: 
 
 def _propagate(sites: dict[str, Site], links: dict[str, Tensor], chain: list[str], dz: Tensor,
                targets: list[str]) -> dict[str, Tensor]:
-    """Push tangents dz (c, N, T, d) at the first layer of ``chain`` through the later links
-    (densely); the Ψ rows (c, d_v·q_v) of every target among them."""
+    """Push tangents dz (c, N, T, d) at the first layer of ``chain`` through the later links (densely).
+
+    Return the Ψ rows (c, d_v·q_v) of every target among them.
+    """
     out = {}
     for prev, v in zip(chain, chain[1:]):
         sp, sv = sites[prev], sites[v]

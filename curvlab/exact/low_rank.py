@@ -39,6 +39,7 @@ def factor_from_capture(cap: Capture, size: int) -> Factor:
 
 
 def low_rank_from_capture(cap: Capture, size: int) -> LowRank:
+    """Return C = UᵀU as a LowRank matrix, U the rows of :func:`factor_from_capture`."""
     return LowRank(factor_from_capture(cap, size))
 
 

@@ -50,10 +50,12 @@ def _rows(p: LayerIO | GenericRows) -> Tensor:
 
 
 def _by_pairs(rows: int, cols: int) -> bool:
-    """Whether Σ_n M_n ⊗ a_n b_nᵀ runs faster as one GEMM per (o, p) than as one GEMM with o·p rows:
-    for few outputs and many inputs (measured on 2 cores, float64: 10 × 513, the head of
+    """Return whether Σ_n M_n ⊗ a_n b_nᵀ runs faster as one GEMM per (o, p) than as one GEMM with o·p rows.
+
+    True for few outputs and many inputs (measured on 2 cores, float64: 10 × 513, the head of
     digits-cnn, 2× faster by pairs; 16 × 129 and every MLP layer of the canned problems faster as
-    one GEMM)."""
+    one GEMM).
+    """
     return 256 * rows <= cols
 
 
@@ -155,7 +157,7 @@ def _layer_pair(p: LayerIO, q: LayerIO, out: Tensor) -> None:
 
 def kron_parts_into(out: Tensor, M: Tensor, ap: Tensor, aq: Tensor, lp: KronLayout, lq: KronLayout,
                     symmetric: bool) -> None:
-    """out = Σ_n M_n ⊗ ā_n,p ā_n,qᵀ in parameter order (rows lp, columns lq), part by part.
+    """Write out = Σ_n M_n ⊗ ā_n,p ā_n,qᵀ in parameter order (rows lp, columns lq), part by part.
 
     ``ap`` (N, q_p) and ``aq`` (N, q_q) are augmented inputs; each part of :meth:`KronLayout.parts`
     is one :func:`_kron_sum_into`, written into its range. With ``symmetric`` (a diagonal block:
@@ -217,6 +219,7 @@ def _fill(pieces: list, out: Tensor, offset: int) -> None:
 
 
 def dense_from_capture(cap: Capture, size: int) -> Dense:
+    """Return C = Σ_n Σ_k v_nk v_nkᵀ as a dense size×size matrix (see the module docstring)."""
     dtype, device = cap.output.dtype, cap.output.device
     memory.check((size, size), dtype, "the dense curvature matrix")
     out = torch.empty(size, size, dtype=dtype, device=device)
@@ -247,6 +250,7 @@ def block_from_capture(cap: Capture, partition: Partition) -> BlockDiagonal:
 
 
 def diag_from_capture(cap: Capture, size: int) -> Diagonal:
+    """Return diag(C) = Σ_n Σ_k v_nk², shape (size,), in O(N·k·P)."""
     dtype, device = cap.output.dtype, cap.output.device
     out = torch.empty(size, dtype=dtype, device=device)
     for p in cap.pieces:

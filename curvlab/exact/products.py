@@ -41,7 +41,7 @@ __all__ = ["hvp", "ggn_vp", "ef_vp", "fisher_mc_vp", "operator", "jvp_path", "hv
 
 
 def _checked(prob: Problem, theta: Tensor | None) -> Tensor:
-    """The parameter vector to evaluate at (``prob.theta`` for None), after checking the arguments."""
+    """Return the parameter vector to evaluate at (``prob.theta`` for None), after checking the arguments."""
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
     return prob.check_theta(theta)
@@ -127,7 +127,7 @@ def _hvp_fn(prob: Problem, theta: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def _explicit_jacobian(prob: Problem, theta: Tensor) -> Tensor:
-    """The per-sample output Jacobians as rows, (D, N, P) with D = outputs per sample."""
+    """Return the per-sample output Jacobians as rows, (D, N, P) with D = outputs per sample."""
     d = prob.num_outputs
     memory.check((d, prob.num_samples, prob.num_params), prob.dtype, "the per-sample Jacobians (reverse-mode J v)",
                  "the model has neither forward-mode derivatives nor double backward "
@@ -141,7 +141,7 @@ def _explicit_jacobian(prob: Problem, theta: Tensor) -> Tensor:
 
 def _jvp_fn(prob: Problem, theta: Tensor, path: str | None, pullback: Callable, f: Tensor,
             J: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """v ↦ J v (shape of the output) by the model's :func:`jvp_path`."""
+    """Return v ↦ J v (shape of the output) by the model's :func:`jvp_path`."""
     if path == "forward":
         return lambda v: jvp(prob.output, (theta,), (v,))[1]
     if path == "double_vjp":
@@ -152,7 +152,7 @@ def _jvp_fn(prob: Problem, theta: Tensor, path: str | None, pullback: Callable, 
 
 def _output_space_fn(prob: Problem, theta: Tensor,
                      apply: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """v ↦ R Jᵀ apply(f, J v): every Fisher-type product, with the output-space action ``apply``."""
+    """Return v ↦ R Jᵀ apply(f, J v): every Fisher-type product, with the output-space action ``apply``."""
     path = jvp_path(prob).path
     # explicit rows first: where reverse mode itself fails, their construction says so clearly
     J = _explicit_jacobian(prob, theta) if path == "rows" else None
@@ -178,8 +178,11 @@ def _apply_cotangents(U: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """Σ_t r_t (r_tᵀ J v) per sample, r_t = ∇_f ℓ_nt on position t alone: r ⊙ ⟨r, J v⟩ over the
-    feature axis, without forming the T per-position cotangents."""
+    """Return the output-space action J v ↦ Σ_t r_t (r_tᵀ J v) per sample.
+
+    r_t = ∇_f ℓ_nt on position t alone: r ⊙ ⟨r, J v⟩ over the feature axis, without forming the T
+    per-position cotangents.
+    """
     axis = prob.likelihood.feature_axis if r.ndim > 1 else None
 
     def apply(_f: Tensor, Jv: Tensor) -> Tensor:
@@ -191,8 +194,11 @@ def _per_position_apply(prob: Problem, r: Tensor) -> Callable[[Tensor, Tensor], 
 
 def _fisher_apply(prob: Problem, theta: Tensor, kind: str, samples: int = 1, seed: int = 0,
                   per: str = "sample") -> Callable[[Tensor, Tensor], Tensor]:
-    """The output-space action of a Fisher-type kind: Λ J v with Λ = Σ_k u_k u_kᵀ per sample for the
-    (unscaled: R is applied once, in :func:`_output_space_fn`) cotangents of ``capture.output_cotangents``."""
+    """Return the output-space action of a Fisher-type kind: J v ↦ Λ J v.
+
+    Λ = Σ_k u_k u_kᵀ per sample for the (unscaled: R is applied once, in :func:`_output_space_fn`)
+    cotangents of ``capture.output_cotangents``.
+    """
     if kind == "ggn":
         return prob.likelihood.hvp_output
     if kind == "empirical_fisher" and per == "position":
@@ -218,8 +224,10 @@ def ggn_vp(prob: Problem, V: Tensor, theta: Tensor | None = None) -> Tensor:
 
 
 def ef_vp(prob: Problem, V: Tensor, theta: Tensor | None = None, per: str = "sample") -> Tensor:
-    """EF V = R Σ_n ∇ℓ_n ∇ℓ_nᵀ V (data labels); ``per="position"``: R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ V
-    (see ``cl.exact.empirical_fisher``)."""
+    """Return the empirical-Fisher product EF V = R Σ_n ∇ℓ_n ∇ℓ_nᵀ V (data labels).
+
+    ``per="position"``: R Σ_n Σ_t ∇ℓ_nt ∇ℓ_ntᵀ V (see ``cl.exact.empirical_fisher``).
+    """
     theta = _checked(prob, theta)
     apply = _fisher_apply(prob, theta, "empirical_fisher", per=per)
     return _batched(_output_space_fn(prob, theta, apply), prob, V)
@@ -234,7 +242,7 @@ def fisher_mc_vp(prob: Problem, V: Tensor, samples: int = 1, seed: int = 0, thet
 
 def operator(prob: Problem, kind: str, theta: Tensor | None = None, samples: int = 1, seed: int = 0,
              chunk: int = 64, per: str = "sample") -> MatrixFree:
-    """The exact curvature ``kind`` as a matrix-free CurvatureMatrix (products only)."""
+    """Return the exact curvature ``kind`` as a matrix-free CurvatureMatrix (products only)."""
     theta = _checked(prob, theta)
     if kind == "hessian":
         fn = _hvp_fn(prob, theta)

@@ -92,7 +92,7 @@ def _scalar_damping(value: Any, mode: str) -> float:
 
 
 def check_damping(damping: Any, mode: str = "exact", pair: bool = False) -> float | tuple[float, float]:
-    """A damping checked for ``mode``: a finite scalar λ ≥ 0, or, where ``pair`` is allowed, (λ_A, λ_G).
+    """Return a damping checked for ``mode``: a finite scalar λ ≥ 0, or, where ``pair`` is allowed, (λ_A, λ_G).
 
     Raises ``ValueError``/``TypeError`` naming the value otherwise (never turns a pair into a scalar).
     """
@@ -139,7 +139,7 @@ class CurvatureMatrix:
 
     # ------------------------------------------------------------------ primitives to implement
     def to_dense(self) -> Tensor:
-        """The dense P×P matrix (in parameter order)."""
+        """Return the dense P×P matrix (in parameter order)."""
         raise NotImplementedError
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -160,11 +160,11 @@ class CurvatureMatrix:
         return self.eigh().values
 
     def diagonal(self) -> Tensor:
-        """The diagonal (P,)."""
+        """Return the diagonal (P,)."""
         raise NotImplementedError
 
     def frobenius_norm(self) -> Tensor:
-        """‖C‖_F."""
+        """Return the Frobenius norm ‖C‖_F."""
         raise NotImplementedError
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -185,11 +185,11 @@ class CurvatureMatrix:
         return None
 
     def _restrict(self, s: slice) -> CurvatureMatrix | None:
-        """The principal submatrix C[s, s] in a structure of its own."""
+        """Return the principal submatrix C[s, s] in a structure of its own."""
         return None
 
     def _top_eigen(self, k: int) -> Eigh | None:
-        """The k largest eigenpairs, descending."""
+        """Return the k largest eigenpairs, descending."""
         return None
 
     def _offblock_sq(self, slices: Sequence[slice]) -> Tensor | None:
@@ -208,6 +208,7 @@ class CurvatureMatrix:
     # ------------------------------------------------------------------ structure
     @property
     def shape(self) -> tuple[int, int]:
+        """(P, P)."""
         return (self.size, self.size)
 
     @property
@@ -222,6 +223,7 @@ class CurvatureMatrix:
 
     @property
     def block_names(self) -> tuple[str, ...]:
+        """The name of each of :attr:`blocks` (``("all",)`` for one block)."""
         return ("all",)
 
     @property
@@ -236,7 +238,7 @@ class CurvatureMatrix:
 
     # ------------------------------------------------------------------ damping
     def resolve_mode(self, mode: str) -> str:
-        """The damping mode this matrix applies for ``mode``; raises for an unsupported one."""
+        """Return the damping mode this matrix applies for ``mode``; raises for an unsupported one."""
         if not isinstance(mode, str) or mode not in self.modes:
             raise ValueError(f"unknown damping mode {mode!r} for {type(self).__name__}: it supports "
                              f"{list(self.modes)}")
@@ -251,7 +253,7 @@ class CurvatureMatrix:
         return self.check_damping(damping, mode), mode
 
     def singular_error(self, damping: Damping, smallest: float, mode: str = "exact") -> ValueError:
-        """The error for a (numerically) singular damped system."""
+        """Return the error for a (numerically) singular damped system."""
         return ValueError(f"{type(self).__name__} + damping is singular or numerically singular (damping "
                           f"{damping!r}, mode {mode!r}; smallest damped eigenvalue or pivot {smallest:.3e}, "
                           "relative to the matrix's scale): increase the damping")
@@ -263,29 +265,30 @@ class CurvatureMatrix:
         return out[:, 0] if one else out
 
     def matvec(self, v: Tensor) -> Tensor:
+        """Return C v (the same as ``C @ v``)."""
         return self @ v
 
     def solve(self, v: Tensor, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """The damped solve for v of shape (P,) or (P, m): (C + λI)⁻¹v for ``mode="exact"``."""
+        """Return the damped solve for v of shape (P,) or (P, m): (C + λI)⁻¹v for ``mode="exact"``."""
         damping, mode = self._damped(damping, mode)
         V, one = as_vectors(v, self.size, self.dtype, self.device)
         out = self._solve(V, damping) if mode == "exact" else self._solve_mode(V, damping, mode)
         return out[:, 0] if one else out
 
     def direction(self, g: Tensor, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """The update direction this matrix takes for a gradient g: −(C + λI)⁻¹g for ``mode="exact"``."""
+        """Return the update direction this matrix takes for a gradient g: −(C + λI)⁻¹g for ``mode="exact"``."""
         if not isinstance(g, Tensor) or g.ndim != 1:
             raise ValueError(f"g must be a flat gradient of shape ({self.size},); got "
                              f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
         return -self.solve(g, damping, mode)
 
     def inverse(self, damping: Damping = 0.0, mode: str = "exact") -> CurvatureMatrix:
-        """The inverse of the damped matrix, in the same structure: (C + λI)⁻¹ for ``mode="exact"``."""
+        """Return the inverse of the damped matrix, in the same structure: (C + λI)⁻¹ for ``mode="exact"``."""
         damping, mode = self._damped(damping, mode)
         return self._inverse(damping) if mode == "exact" else self._inverse_mode(damping, mode)
 
     def logdet(self, damping: Damping = 0.0, mode: str = "exact") -> Tensor:
-        """log det of the damped matrix; raises if it is not positive definite."""
+        """Return log det of the damped matrix; raise if it is not positive definite."""
         damping, mode = self._damped(damping, mode)
         return self._logdet(damping) if mode == "exact" else self._logdet_mode(damping, mode)
 
@@ -313,7 +316,7 @@ class CurvatureMatrix:
         return self._cache["eigvalsh"]
 
     def top_eigen(self, k: int) -> Eigh:
-        """The k algebraically largest eigenpairs: values (k,) descending, vectors (P, k) orthonormal.
+        """Return the k algebraically largest eigenpairs: values (k,) descending, vectors (P, k) orthonormal.
 
         Cached per k (a cached larger k is sliced). Cheapest first: a cached full ``eigh``; the
         structure's own rule; a full ``eigh`` up to :data:`DENSE_EIGH_LIMIT` or for k ≥ P/3; Lanczos.
@@ -348,18 +351,19 @@ class CurvatureMatrix:
                     torch.as_tensor(Q[:, order], dtype=self.dtype, device=self.device))
 
     def _columns(self, j: int, k: int) -> Tensor:
-        """The columns C[:, j:k] (products with unit vectors; dense structures slice)."""
+        """Return the columns C[:, j:k] (products with unit vectors; dense structures slice)."""
         return self @ _unit_columns(self.size, j, k, self.dtype, self.device)
 
     def _lanczos_operand(self) -> Any:
-        """What ARPACK iterates with: a NumPy array for dense matrices, else a LinearOperator."""
+        """Return what ARPACK iterates with: a NumPy array for dense matrices, else a LinearOperator."""
         return self.as_linear_operator()
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_i C_ii."""
         return self.diagonal().sum()
 
     def as_linear_operator(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
+        """Return a ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
         from scipy.sparse.linalg import LinearOperator
 
         def mv(x: np.ndarray) -> np.ndarray:
@@ -422,7 +426,7 @@ class CurvatureMatrix:
         return torch.clamp(self.frobenius_norm() ** 2 - on, min=0.0)
 
     def restrict(self, s: slice) -> CurvatureMatrix:
-        """The principal submatrix C[s, s] as a CurvatureMatrix, in C's structure where it has one.
+        """Return the principal submatrix C[s, s] as a CurvatureMatrix, in C's structure where it has one.
 
         A slice covering all of C is C itself; results are cached per matrix (repeated calls return the
         same object, with its cached decompositions). Fallback: the columns C E_s (|s| products).
@@ -504,7 +508,7 @@ def _unit_columns(size: int, j: int, k: int, dtype: torch.dtype, device: torch.d
 
 
 def _columns_inner(A: CurvatureMatrix, B: CurvatureMatrix, dtype: torch.dtype, chunk: int = 256) -> Tensor:
-    """⟨A, B⟩ = Σ_J ⟨A E_J, B E_J⟩ over chunks J of unit vectors."""
+    """Return ⟨A, B⟩ = Σ_J ⟨A E_J, B E_J⟩ over chunks J of unit vectors."""
     total = torch.zeros((), dtype=dtype, device=A.device)
     for j in range(0, A.size, chunk):
         k = min(A.size, j + chunk)

@@ -60,23 +60,27 @@ class BlockDiagonal(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``block`` for dense blocks, else ``block[s1,s2,…]`` naming the blocks' structures."""
         inner = {b.structure for b in self._blocks}
         return "block" if inner == {"full"} else "block[" + ",".join(sorted(inner)) + "]"
 
     @property
     def blocks(self) -> tuple[CurvatureMatrix, ...]:
+        """The diagonal blocks, in parameter order."""
         return self._blocks
 
     @property
     def block_slices(self) -> tuple[slice, ...]:
+        """Where each block sits in the flat parameter vector."""
         return self._slices
 
     @property
     def block_names(self) -> tuple[str, ...]:
+        """The name of each block."""
         return self._names
 
     def block(self, name: str) -> CurvatureMatrix:
-        """The block called ``name``."""
+        """Return the block called ``name``."""
         try:
             return self._blocks[self._names.index(name)]
         except ValueError:
@@ -86,6 +90,7 @@ class BlockDiagonal(CurvatureMatrix):
         return torch.cat([fn(b, V[s]) for b, s in zip(self._blocks, self._slices)], dim=0)
 
     def to_dense(self) -> Tensor:
+        """Return the dense P×P matrix with the blocks on the diagonal and zeros elsewhere."""
         memory.check(self.shape, self.dtype, "the dense form of a block-diagonal matrix")
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         for b, s in zip(self._blocks, self._slices):
@@ -144,15 +149,18 @@ class BlockDiagonal(CurvatureMatrix):
         return torch.sort(torch.cat([b.eigvalsh() for b in self._blocks])).values
 
     def diagonal(self) -> Tensor:
+        """Return the blocks' diagonals concatenated, shape (P,)."""
         return torch.cat([b.diagonal() for b in self._blocks])
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_b tr C_b."""
         return sum(b.trace() for b in self._blocks)
 
     def _logdet(self, damping: float) -> Tensor:
         return sum(b._logdet(damping) for b in self._blocks)
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F = √(Σ_b ‖C_b‖²_F)."""
         return torch.sqrt(sum(b.frobenius_norm() ** 2 for b in self._blocks))
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -176,7 +184,7 @@ class BlockDiagonal(CurvatureMatrix):
         return sum(a.inner(other.restrict(s)) for a, s in zip(self._blocks, self._slices))
 
     def _difference_norm(self, other: CurvatureMatrix) -> Tensor:
-        """‖A − B‖² = Σ_b ‖A_b − B_bb‖² + ‖offdiag(B)‖²."""
+        """Return ‖A − B‖ from ‖A − B‖² = Σ_b ‖A_b − B_bb‖² + ‖offdiag(B)‖²."""
         if len(self._blocks) == 1:
             return self._blocks[0].difference_norm(other)
         sq = sum(a.difference_norm(other.restrict(s)) ** 2 for a, s in zip(self._blocks, self._slices))
@@ -197,7 +205,7 @@ class BlockDiagonal(CurvatureMatrix):
         return pieces[0] if len(pieces) == 1 else BlockDiagonal(pieces, names)
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The top k of every block, merged."""
+        """Return the top k of every block, merged."""
         values, owners, parts = [], [], []
         for b, s in zip(self._blocks, self._slices):
             wb, Qb = b.top_eigen(min(k, b.size))

@@ -29,9 +29,11 @@ class Dense(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``full``."""
         return "full"
 
     def to_dense(self) -> Tensor:
+        """Return the stored P×P matrix itself."""
         return self.matrix
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -94,9 +96,11 @@ class Dense(CurvatureMatrix):
         return torch.linalg.eigvalsh(self.matrix)
 
     def diagonal(self) -> Tensor:
+        """Return the diagonal (P,)."""
         return self.matrix.diagonal()
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_i C_ii."""
         return self.matrix.diagonal().sum()
 
     def _logdet(self, damping: float) -> Tensor:
@@ -111,6 +115,7 @@ class Dense(CurvatureMatrix):
         return 2.0 * torch.log(F.diagonal()).sum()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F."""
         return torch.linalg.matrix_norm(self.matrix)
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:

@@ -22,9 +22,11 @@ class Diagonal(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``diag``."""
         return "diag"
 
     def to_dense(self) -> Tensor:
+        """Return diag(d) as a dense P×P matrix."""
         memory.check(self.shape, self.dtype, "the dense form of a diagonal matrix")
         return torch.diag(self.diag)
 
@@ -57,9 +59,11 @@ class Diagonal(CurvatureMatrix):
         return torch.sort(self.diag).values
 
     def diagonal(self) -> Tensor:
+        """Return the stored diagonal d, shape (P,)."""
         return self.diag
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F = ‖d‖₂."""
         return torch.linalg.vector_norm(self.diag)
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:

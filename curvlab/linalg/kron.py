@@ -57,7 +57,7 @@ DAMPING_MODES = ("exact", "factored", "pi", "trace")
 
 
 def factor_damping(mode: str, damping: Damping, eig_A: Tensor, eig_G: Tensor) -> tuple[float, float]:
-    """The factor dampings (λ_A, λ_G) of a factored ``mode`` (see the module docstring).
+    """Return the factor dampings (λ_A, λ_G) of a factored ``mode`` (see the module docstring).
 
     ``"factored"`` takes a scalar λ (λ_A = λ_G = √λ) or a pair (λ_A, λ_G); ``"pi"`` and ``"trace"`` take
     a scalar λ ≥ 0. ``eig_A`` and ``eig_G`` are the eigenvalues of the input and output factors (only
@@ -107,6 +107,7 @@ class KroneckerFactored(CurvatureMatrix):
         return f"p={self.p}, q={self.q}{' (bias folded)' if self.bias else ''}"
 
     def same_layout(self, other: CurvatureMatrix) -> bool:
+        """Return whether ``other`` is Kronecker-factored with the same layer layout."""
         return isinstance(other, KroneckerFactored) and self.layout == other.layout
 
     # -- damped operations, shared: exact damping is the mode "exact" --------------------------------
@@ -171,6 +172,7 @@ class EigenKron(KroneckerFactored):
 
     @property
     def structure(self) -> str:
+        """``eigen_kron``."""
         return "eigen_kron"
 
     def __repr__(self) -> str:
@@ -184,6 +186,7 @@ class EigenKron(KroneckerFactored):
         return self.Q_G @ Y @ self.Q_A.T
 
     def to_dense(self) -> Tensor:
+        """Return Q diag(S) Qᵀ densely, Q = Q_A ⊗ Q_G in parameter order."""
         Q = self.kron_vectors(self.Q_A, self.Q_G)
         return (Q * self.S.reshape(-1)) @ Q.T
 
@@ -201,7 +204,7 @@ class EigenKron(KroneckerFactored):
         return self.S + dG * eA[None, :] + dA * eG[:, None] + dA * dG
 
     def _checked_denominators(self, damping: Damping, mode: str) -> Tensor:
-        """The damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
+        """Return the damped eigenvalues, refusing (numerically) singular ones; cached per (damping, mode)."""
         key = ("denominators", mode, damping if not isinstance(damping, list) else tuple(damping))
         if key in self._cache:
             return self._cache[key]
@@ -227,13 +230,16 @@ class EigenKron(KroneckerFactored):
         return torch.sort(self.S.reshape(-1)).values
 
     def diagonal(self) -> Tensor:
+        """Return diag(C) = (Q_G∘Q_G) S (Q_A∘Q_A)ᵀ in parameter order, shape (P,)."""
         D = (self.Q_G**2) @ self.S @ (self.Q_A**2).T
         return self.layout.from_mats(D[None])[:, 0]
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_ij S_ij."""
         return self.S.sum()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F = ‖S‖_F."""
         return torch.linalg.vector_norm(self.S)
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -243,6 +249,7 @@ class EigenKron(KroneckerFactored):
         return EigenKron(self.Q_A, self.Q_G, alpha * self.S, self.bias, fe)
 
     def same_basis(self, other: EigenKron) -> bool:
+        """Return whether ``other`` has the same layout and identical eigenbases Q_A and Q_G."""
         if (self.p, self.q, self.bias) != (other.p, other.q, other.bias):
             return False
         same = lambda x, y: x is y or (x.shape == y.shape and bool(torch.equal(x, y)))  # noqa: E731
@@ -257,8 +264,11 @@ class EigenKron(KroneckerFactored):
         return None
 
     def _sum_factor_eigenvalues(self, other: EigenKron, sign: float) -> tuple[Tensor, Tensor] | None:
-        """Factor eigenvalues of a sum that is still one Kronecker product: A ⊗ G ± A ⊗ G' =
-        A ⊗ (G ± G') (shared A), likewise for a shared G; otherwise None (no factored damping)."""
+        """Return the factor eigenvalues of a sum that is still one Kronecker product.
+
+        A ⊗ G ± A ⊗ G' = A ⊗ (G ± G') (shared A), likewise for a shared G; otherwise None (no factored
+        damping).
+        """
         fa, fb = self.factor_eigenvalues, other.factor_eigenvalues
         if fa is None or fb is None:
             return None
@@ -270,8 +280,11 @@ class EigenKron(KroneckerFactored):
 
     # -- structural hooks: nothing forms A ⊗ G densely ----------------------------------------------
     def _inner(self, other: CurvatureMatrix) -> Tensor | None:
-        """⟨Q diag(S) Qᵀ, Q' diag(S') Q'ᵀ⟩ = Σ S_ij S'_i'j' (Q_GᵀQ'_G)²_ii' (Q_AᵀQ'_A)²_jj' (⟨S, S'⟩ in one
-        basis); against a dense block, Σ_ij S_ij (Qᵀ D̃ Q)_(ij),(ij), rotating D̃ one factor at a time."""
+        """Return the Frobenius inner product with ``other`` from the eigenbases, or None.
+
+        ⟨Q diag(S) Qᵀ, Q' diag(S') Q'ᵀ⟩ = Σ S_ij S'_i'j' (Q_GᵀQ'_G)²_ii' (Q_AᵀQ'_A)²_jj' (⟨S, S'⟩ in one
+        basis); against a dense block, Σ_ij S_ij (Qᵀ D̃ Q)_(ij),(ij), rotating D̃ one factor at a time.
+        """
         if isinstance(other, Kron):
             other = other.eigen()
         if isinstance(other, EigenKron) and self.same_layout(other):
@@ -289,7 +302,7 @@ class EigenKron(KroneckerFactored):
         return None
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The k largest S_ij with eigenvectors q^G_i ⊗ q^A_j (only k columns are formed)."""
+        """Return the k largest S_ij with eigenvectors q^G_i ⊗ q^A_j (only k columns are formed)."""
         w, idx = torch.topk(self.S.reshape(-1), k)
         i, j = idx // self.q, idx % self.q
         V = (self.Q_G[:, i][:, None, :] * self.Q_A[:, j][None, :, :]).reshape(self.p * self.q, k)  # folded
@@ -323,6 +336,7 @@ class Kron(KroneckerFactored):
 
     @property
     def structure(self) -> str:
+        """``kron``."""
         return "kron"
 
     def __repr__(self) -> str:
@@ -338,7 +352,7 @@ class Kron(KroneckerFactored):
         return self._cache["factors"]
 
     def eigen(self) -> EigenKron:
-        """The same matrix as an :class:`EigenKron`: basis Q_A ⊗ Q_G, S = λ_G λ_Aᵀ (cached)."""
+        """Return the same matrix as an :class:`EigenKron`: basis Q_A ⊗ Q_G, S = λ_G λ_Aᵀ (cached)."""
         if "eigen" not in self._cache:
             (eA, QA), (eG, QG) = self.factor_eigh()
             self._cache["eigen"] = EigenKron(QA, QG, eG[:, None] * eA[None, :], self.bias, (eA, eG))
@@ -346,6 +360,7 @@ class Kron(KroneckerFactored):
 
     # -- primitives --------------------------------------------------------------------------------
     def to_dense(self) -> Tensor:
+        """Return A ⊗ G densely, in parameter order."""
         memory.check(self.shape, self.dtype, "the dense form of a Kronecker block")
         return self.layout.to_param_order(torch.kron(self.G, self.A))
 
@@ -378,13 +393,16 @@ class Kron(KroneckerFactored):
         return self.eigen()._eigvalsh()
 
     def diagonal(self) -> Tensor:
+        """Return diag(A ⊗ G) = diag(G) diag(A)ᵀ in parameter order, shape (P,)."""
         D = self.G.diagonal()[:, None] * self.A.diagonal()[None, :]
         return self.layout.from_mats(D[None])[:, 0]
 
     def trace(self) -> Tensor:
+        """Return tr(A ⊗ G) = tr A · tr G."""
         return self.A.diagonal().sum() * self.G.diagonal().sum()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖A ⊗ G‖_F = ‖A‖_F ‖G‖_F."""
         return torch.linalg.matrix_norm(self.A) * torch.linalg.matrix_norm(self.G)
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -402,8 +420,11 @@ class Kron(KroneckerFactored):
 
     # -- structural hooks ------------------------------------------------------------------------------
     def _inner(self, other: CurvatureMatrix) -> Tensor | None:
-        """⟨A ⊗ G, A' ⊗ G'⟩ = ⟨A, A'⟩⟨G, G'⟩; against a dense block, the Van Loan rearrangement; against
-        an EigenKron, in the eigenbasis."""
+        """Return the Frobenius inner product with ``other`` without forming A ⊗ G, or None.
+
+        ⟨A ⊗ G, A' ⊗ G'⟩ = ⟨A, A'⟩⟨G, G'⟩; against a dense block, the Van Loan rearrangement; against
+        an EigenKron, in the eigenbasis.
+        """
         if isinstance(other, Kron) and self.same_layout(other):
             return (self.A * other.A).sum() * (self.G * other.G).sum()
         if isinstance(other, Dense) and other.size == self.size:
@@ -447,6 +468,7 @@ class TraceKron(Kron):
 
     @property
     def structure(self) -> str:
+        """``trace_kron``."""
         return "trace_kron"
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -461,4 +483,5 @@ class ForwardOnly(Kron):
 
     @property
     def structure(self) -> str:
+        """``forward_only``."""
         return "forward_only"

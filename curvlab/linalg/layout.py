@@ -47,7 +47,7 @@ class KronLayout:
 
     @classmethod
     def of_layer(cls, d_out: int, d_in: int, bias: bool) -> KronLayout:
-        """The layout of a layer with ``d_in`` inputs and ``d_out`` outputs (bias column added if any)."""
+        """Return the layout of a layer with ``d_in`` inputs and ``d_out`` outputs (bias column added if any)."""
         return cls(d_out, d_in + (1 if bias else 0), bias)
 
     @property
@@ -62,6 +62,7 @@ class KronLayout:
 
     @property
     def weight_size(self) -> int:
+        """The number of weight entries, rows · in_features (the bias column excluded)."""
         return self.rows * self.in_features
 
     def __eq__(self, other: object) -> bool:
@@ -89,14 +90,14 @@ class KronLayout:
         return torch.argsort(self.perm(device))
 
     def to_param_order(self, M: Tensor) -> Tensor:
-        """A folded-order square matrix (p·q × p·q) in parameter order (rows and columns permuted)."""
+        """Return a folded-order square matrix (p·q × p·q) in parameter order (rows and columns permuted)."""
         if not self.bias:
             return M
         p = self.perm(M.device)
         return M[p][:, p]
 
     def to_folded_order(self, M: Tensor) -> Tensor:
-        """A parameter-order square matrix in the folded order."""
+        """Return a parameter-order square matrix in the folded order."""
         if not self.bias:
             return M
         s = self.inverse_perm(M.device)
@@ -114,7 +115,7 @@ class KronLayout:
         return torch.cat([W, b], dim=2)
 
     def from_mats(self, X: Tensor) -> Tensor:
-        """m folded matrices (m, p, q) → columns in parameter order (p·q, m)."""
+        """Map m folded matrices (m, p, q) to columns in parameter order (p·q, m)."""
         m = X.shape[0]
         if not self.bias:
             return X.reshape(m, -1).T

@@ -116,14 +116,14 @@ class Factor:
         return self._cache["gram"]
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
-        """The eigendecomposition of :meth:`gram`, eigenvalues descending; cached."""
+        """Return the eigendecomposition of :meth:`gram`, eigenvalues descending; cached."""
         if "gram_eigh" not in self._cache:
             w, V = torch.linalg.eigh(self.gram())
             self._cache["gram_eigh"] = (w.flip(0), V.flip(1))
         return self._cache["gram_eigh"]
 
     def gram_eigvalsh(self) -> Tensor:
-        """The eigenvalues of :meth:`gram`, descending (without eigenvectors unless they are cached)."""
+        """Return the eigenvalues of :meth:`gram`, descending (without eigenvectors unless they are cached)."""
         if "gram_eigh" in self._cache:
             return self._cache["gram_eigh"][0]
         if "gram_eigvalsh" not in self._cache:
@@ -196,6 +196,7 @@ class DenseFactor(Factor):
         return self.U @ other.U.T if isinstance(other, DenseFactor) else other.apply(self.U.T).T
 
     def column_sq_norms(self) -> Tensor:
+        """Return diag(UᵀU) = Σ over rows of U², shape (size,)."""
         return (self.U**2).sum(0)
 
 
@@ -278,6 +279,7 @@ class KronRowsFactor(Factor):
         return w.reshape(self.rank, self.size)
 
     def column_sq_norms(self) -> Tensor:
+        """Return diag(UᵀU) = Σ over rows of U², shape (size,), in chunks of samples."""
         if self.positions == 1:
             gsq = (self.g[:, :, 0] ** 2).sum(0)  # (N, d_out)
             w = (gsq.T @ self.a[:, 0] ** 2).reshape(-1)
@@ -401,6 +403,7 @@ class ConcatFactor(Factor):
         return sum(f.cross_gram(other.restrict(slice(lo, hi))) for f, lo, hi in self._slices())
 
     def column_sq_norms(self) -> Tensor:
+        """Return the factors' column norms² concatenated (column blocks side by side)."""
         return torch.cat([f.column_sq_norms() for f in self.factors])
 
     def _restrict(self, lo: int, hi: int) -> Factor:
@@ -438,6 +441,7 @@ class StackFactor(Factor):
         return torch.cat([f.cross_gram(other) for f in self.factors], dim=0)
 
     def column_sq_norms(self) -> Tensor:
+        """Return the sum of the factors' column norms² (row blocks stacked)."""
         return sum(f.column_sq_norms() for f in self.factors)
 
     def _restrict(self, lo: int, hi: int) -> Factor:
@@ -513,6 +517,7 @@ class LowRank(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``low_rank``."""
         return "low_rank"
 
     def __repr__(self) -> str:
@@ -521,7 +526,7 @@ class LowRank(CurvatureMatrix):
 
     # ---------------------------------------------------------------- the Gram spectrum
     def _sigma(self) -> Tensor:
-        """The numerically nonzero Gram eigenvalues σ_i > rtol·σ_max, descending."""
+        """Return the numerically nonzero Gram eigenvalues σ_i > rtol·σ_max, descending."""
         if "sigma" not in self._cache:
             w = self.factor.gram_eigvalsh()
             if self.scale == 0 or w.numel() == 0 or float(w[0]) <= 0:
@@ -544,7 +549,7 @@ class LowRank(CurvatureMatrix):
         return int(self._sigma().numel())
 
     def _constant(self, m: int) -> Tensor:
-        """The eigenvalue c = shift, m times."""
+        """Return the eigenvalue c = shift, m times."""
         return torch.full((m,), self.shift, dtype=self.dtype, device=self.device)
 
     def _vectors(self, sigma: Tensor, V: Tensor) -> Tensor:
@@ -553,6 +558,7 @@ class LowRank(CurvatureMatrix):
 
     # ---------------------------------------------------------------- products and scalars
     def to_dense(self) -> Tensor:
+        """Return s UᵀU + c I densely (symmetrised)."""
         memory.check(self.shape, self.dtype, "the dense form of a low-rank matrix",
                      hint="use its solve, spectrum and products, which work from the factor")
         U = self.factor.rows()
@@ -565,12 +571,15 @@ class LowRank(CurvatureMatrix):
         return out + self.shift * V if self.shift else out
 
     def diagonal(self) -> Tensor:
+        """Return s diag(UᵀU) + c, shape (P,)."""
         return self.scale * self.factor.column_sq_norms() + self.shift
 
     def trace(self) -> Tensor:
+        """Return tr C = c P + s ‖U‖²_F."""
         return self.shift * self.size + self.scale * self.factor.sq_norm()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F from ‖C‖²_F = s² ‖UUᵀ‖²_F + c² P + 2cs ‖U‖²_F."""
         c, s = self.shift, self.scale
         sq = s * s * (self.factor.gram() ** 2).sum() if s else torch.zeros((), dtype=self.dtype)
         sq = sq + c * c * self.size + (2 * c * s * self.factor.sq_norm() if c and s else 0.0)
@@ -581,7 +590,7 @@ class LowRank(CurvatureMatrix):
 
     # ---------------------------------------------------------------- damped solves
     def _identity_part(self, damping: float) -> float:
-        """c' = shift + λ, refusing a negative λ and a singular C + λI."""
+        """Return c' = shift + λ, refusing a negative λ and a singular C + λI."""
         if damping < 0:
             raise ValueError(f"damping must be ≥ 0 for a low-rank matrix; got {damping}")
         mu = self.shift + damping
@@ -597,8 +606,11 @@ class LowRank(CurvatureMatrix):
         return P < r and memory.nbytes((r + P, P), self.dtype) <= memory.get_budget()
 
     def _core(self, mu: float) -> tuple[str, Tensor, Tensor | None]:
-        """A factorisation for the damping: ("primal", chol(sUᵀU + μI_P), None) when P < r, else
-        ("cholesky", chol(sG + μI_r), None), or ("eigh", d, V) with d = sσ + μ if that is not definite."""
+        """Return a factorisation for the damping.
+
+        ("primal", chol(sUᵀU + μI_P), None) when P < r, else ("cholesky", chol(sG + μI_r), None), or
+        ("eigh", d, V) with d = sσ + μ if that is not definite.
+        """
         key = ("core", mu)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if not (isinstance(k, tuple) and k[0] == "core")}
@@ -657,7 +669,7 @@ class LowRank(CurvatureMatrix):
         return Dense(self._solve(eye, damping), symmetrize=True)
 
     def _logdet(self, damping: float) -> Tensor:
-        """log det(C + λI) by the matrix-determinant lemma; raises unless C + λI is positive definite."""
+        """Return log det(C + λI) by the matrix-determinant lemma; raise unless C + λI is positive definite."""
         mu = self._identity_part(damping)
         if self.scale != 0 and mu > 0:
             kind, F, _ = self._core(mu)
@@ -686,7 +698,7 @@ class LowRank(CurvatureMatrix):
         return Eigh(values, full[:, order])
 
     def _complement(self, Q: Tensor, m: int) -> Tensor:
-        """m orthonormal vectors orthogonal to the orthonormal columns of Q (seeded Gaussian, projected)."""
+        """Return m orthonormal vectors orthogonal to the orthonormal columns of Q (seeded Gaussian, projected)."""
         if m == 0:
             return torch.empty(self.size, 0, dtype=self.dtype, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(0)
@@ -697,7 +709,7 @@ class LowRank(CurvatureMatrix):
         return X
 
     def _top_eigen(self, k: int) -> Eigh:
-        """The k largest eigenpairs, eigenvalues descending, eigenvectors (P, k)."""
+        """Return the k largest eigenpairs, eigenvalues descending, eigenvectors (P, k)."""
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.size:
             raise ValueError(f"k must be an integer in [0, {self.size}]; got {k!r}")
         sigma, Vg = self._spectrum()

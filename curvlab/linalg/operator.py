@@ -35,6 +35,7 @@ class MatrixFree(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``operator``."""
         return "operator"
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -46,6 +47,7 @@ class MatrixFree(CurvatureMatrix):
             keep(j, min(self.size, j + self.chunk), self._fn(eye[:, j:j + self.chunk]))
 
     def to_dense(self) -> Tensor:
+        """Return the dense P×P matrix from products with chunks of unit vectors (symmetrised)."""
         memory.check(self.shape, self.dtype, f"the dense form of the {self.name}")
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
@@ -56,6 +58,7 @@ class MatrixFree(CurvatureMatrix):
         return 0.5 * (out + out.T)
 
     def diagonal(self) -> Tensor:
+        """Return the diagonal (P,) from products with chunks of unit vectors."""
         out = torch.empty(self.size, dtype=self.dtype, device=self.device)
 
         def keep(j0: int, j1: int, cols: Tensor) -> None:
@@ -103,6 +106,7 @@ class MatrixFree(CurvatureMatrix):
         return self._dense().eigvalsh()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F from products with chunks of unit vectors."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
         def keep(j0: int, j1: int, cols: Tensor) -> None:

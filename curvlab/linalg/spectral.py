@@ -45,10 +45,12 @@ class Spectral(CurvatureMatrix):
 
     @property
     def structure(self) -> str:
+        """``spectral``."""
         return "spectral"
 
     # ---------------------------------------------------------------- products and scalars
     def to_dense(self) -> Tensor:
+        """Return Q diag(w) Qᵀ densely (symmetrised)."""
         memory.check(self.shape, self.dtype, "the dense form of a matrix given by its eigendecomposition")
         Q = self.vectors
         out = (Q * self.values) @ Q.T
@@ -61,12 +63,15 @@ class Spectral(CurvatureMatrix):
         return self.vectors @ (self.values[:, None] * self.vectors[j:k].T)
 
     def diagonal(self) -> Tensor:
+        """Return diag(C) = (Q∘Q) w, shape (P,)."""
         return (self.vectors**2) @ self.values
 
     def trace(self) -> Tensor:
+        """Return tr C = Σ_i w_i."""
         return self.values.sum()
 
     def frobenius_norm(self) -> Tensor:
+        """Return ‖C‖_F = ‖w‖₂."""
         return torch.linalg.vector_norm(self.values)
 
     def _scaled(self, alpha: float) -> CurvatureMatrix:
@@ -109,8 +114,11 @@ class Spectral(CurvatureMatrix):
         return Dense((Qs * self.values) @ Qs.T, symmetrize=True)
 
     def _inner(self, other: CurvatureMatrix) -> Tensor:
-        """⟨C, B⟩_F = Σ_i w_i q_iᵀ B q_i (products of B with chunks of eigenvectors); Σ w_i w'_i for a
-        Spectral B with the same eigenvectors."""
+        """Return the Frobenius inner product ⟨C, B⟩_F with ``other``.
+
+        ⟨C, B⟩_F = Σ_i w_i q_iᵀ B q_i (products of B with chunks of eigenvectors); Σ w_i w'_i for a
+        Spectral B with the same eigenvectors.
+        """
         if isinstance(other, Spectral) and other.vectors is self.vectors:
             return (self.values * other.values).sum()
         dtype = torch.promote_types(self.dtype, other.dtype)

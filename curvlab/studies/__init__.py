@@ -72,13 +72,13 @@ def _discover() -> None:
 
 
 def names() -> list[str]:
-    """The registered studies' names, sorted."""
+    """Return the registered studies' names, sorted."""
     _discover()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Study:
-    """The study called ``name`` (ValueError naming the valid ones otherwise)."""
+    """Return the study called ``name`` (ValueError naming the valid ones otherwise)."""
     if isinstance(name, Study):
         return name
     _discover()

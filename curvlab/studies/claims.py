@@ -73,7 +73,7 @@ def verdicts(ds: xr.Dataset, study: Study | None = None) -> xr.Dataset:
 
 
 def format_verdicts(ds: xr.Dataset) -> str:
-    """The verdict table as text: claim, holds, value, statement, criterion (one row per claim)."""
+    """Return the verdict table as text: claim, holds, value, statement, criterion (one row per claim)."""
     from curvlab.cli import format_table
 
     if "claim" not in ds.coords:

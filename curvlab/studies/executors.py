@@ -42,7 +42,7 @@ class Outcome:
 
 
 def cell_seed(cell: Mapping[str, Any], key: str) -> int:
-    """The cell's integer ``seed`` if it has one (≥ 0), else the first 8 hex digits of its key."""
+    """Return the cell's integer ``seed`` if it has one (≥ 0), else the first 8 hex digits of its key."""
     seed = cell.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63:
         return seed
@@ -51,8 +51,10 @@ def cell_seed(cell: Mapping[str, Any], key: str) -> int:
 
 def compute_cell(run_cell: Callable[..., Any], cell: Mapping[str, Any], config: Mapping[str, Any],
                  seed: int) -> Outcome:
-    """``run_cell(cell, config)`` with torch's, NumPy's and Python's generators seeded by ``seed`` (and
-    restored afterwards, so an in-process run leaves the caller's generators as they were)."""
+    """Return ``run_cell(cell, config)`` with torch's, NumPy's and Python's generators seeded by ``seed``.
+
+    The generators are restored afterwards, so an in-process run leaves the caller's generators as they were.
+    """
     import numpy as np
     import torch
     import xarray as xr
@@ -77,7 +79,7 @@ def compute_cell(run_cell: Callable[..., Any], cell: Mapping[str, Any], config: 
 
 
 def outcome_of(future: Future) -> Outcome:
-    """A future's Outcome; an error of the executor itself (a worker killed, a pickling error) is a failure."""
+    """Return a future's Outcome; an error of the executor itself (a worker killed, a pickling error) is a failure."""
     try:
         return future.result()
     except Exception as exc:
@@ -189,5 +191,5 @@ def plan_executor(spec: Any) -> Callable[[], Pool]:
 
 
 def open_executor(spec: Any) -> Pool:
-    """The :class:`Pool` that ``spec`` names, started."""
+    """Return the :class:`Pool` that ``spec`` names, started."""
     return plan_executor(spec)()

@@ -225,11 +225,12 @@ class Rescaled(nn.Module):
         self.bias = nn.Parameter(lin.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return x (αW)ᵀ + b: the linear layer with its weight scaled by α."""
         return nn.functional.linear(x, self.alpha * self.weight, self.bias)
 
 
 def _flat_theta(model: nn.Module) -> torch.Tensor:
-    """The flat θ of ``model`` in θ-coordinates (a :class:`Rescaled` first layer's weight times α)."""
+    """Return the flat θ of ``model`` in θ-coordinates (a :class:`Rescaled` first layer's weight times α)."""
     first = model[0]
     w = first.weight.detach() * getattr(first, "alpha", 1.0)
     return torch.cat([w.reshape(-1), *[p.detach().reshape(-1) for p in list(model.parameters())[1:]]])
@@ -330,9 +331,11 @@ def _training_part(datasets: list):
 
 
 def merge(datasets: list):
-    """The cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset: the exactness
-    part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
-    runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``."""
+    """Return the cells' Datasets (each with length-1 dims part, method, lr, seed) as one Dataset.
+
+    The exactness part on ``checkpoint``, the invariance part on (invariance_method, invariance_step), the training
+    runs on (run, seed) with the non-index coordinates ``run_method`` and ``run_lr``.
+    """
     import xarray as xr
 
     parts: dict[str, list] = {"exactness": [], "invariance": [], "training": []}
@@ -351,8 +354,11 @@ def merge(datasets: list):
 
 # ---------------------------------------------------------------------------------------------- claims
 def tuned(ds, method: str) -> tuple[str, float]:
-    """(run, value) of ``method``'s tuned run: the lr whose geometric mean over seeds of the final training
-    loss is smallest (a run with a diverged or non-finite seed counts as +inf)."""
+    """Return (run, value) of ``method``'s tuned run.
+
+    The tuned run has the lr whose geometric mean over seeds of the final training loss is smallest (a run
+    with a diverged or non-finite seed counts as +inf).
+    """
     import numpy as np
 
     runs = [str(r) for r, m in zip(ds["run"].values, ds["run_method"].values) if str(m) == method]
@@ -545,7 +551,7 @@ def _tuning_figure(ds):
 
 
 def figures(ds) -> dict:
-    """The study's figures: exactness, subset-lr, invariance, training, tuning (each when its part is there)."""
+    """Return the study's figures: exactness, subset-lr, invariance, training, tuning (each when its part is there)."""
     out = {}
     if "hbar_error" in ds:
         out["exactness"] = _exactness_figure(ds)

@@ -1,6 +1,8 @@
-"""K-BFGS on the digits ReLU autoencoder: training curves, the BFGS factors against the exact
-pre-activation curvature, and the double-damping statistics (Goldfarb, Ren & Bahamou 2020,
-"Practical Quasi-Newton Methods for Training Deep Neural Networks", arXiv 2006.08877).
+"""K-BFGS on the digits ReLU autoencoder (Goldfarb, Ren & Bahamou 2020, arXiv 2006.08877).
+
+Training curves, the BFGS factors against the exact pre-activation curvature, and the
+double-damping statistics, after Goldfarb, Ren & Bahamou, "Practical Quasi-Newton Methods for
+Training Deep Neural Networks".
 
 Problem: ``digits-autoencoder-relu`` (64-32-16-8-16-32-64, ReLU, linear code layer — the papers'
 autoencoder design at digits scale), sigmoid cross-entropy. The canned loss is the **mean over
@@ -132,17 +134,18 @@ def steps_per_epoch(config: Mapping[str, Any]) -> int:
 
 
 def total_steps(config: Mapping[str, Any]) -> int:
+    """Return the number of optimizer steps of a run, epochs × steps per epoch."""
     return config["epochs"] * steps_per_epoch(config)
 
 
 def checkpoint_steps(config: Mapping[str, Any]) -> list[int]:
-    """The analysed steps: each of ``checkpoint_epochs`` and the last step."""
+    """Return the analysed steps: each of ``checkpoint_epochs`` and the last step."""
     per = steps_per_epoch(config)
     return sorted({e * per for e in config["checkpoint_epochs"]} | {total_steps(config)})
 
 
 def method_options(method: str, lr: float, damping: float, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of :func:`curvlab.optim.make` for one run (see the module docstring)."""
+    """Return the options of :func:`curvlab.optim.make` for one run (see the module docstring)."""
     common = {"lr": lr, "weight_decay": config["weight_decay"]}
     if method == "kbfgs":
         return {**common, "damping": damping}
@@ -191,8 +194,11 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ shared helpers
 def loss_floor(prob) -> float:
-    """The infimum of the problem's loss over network outputs: the mean binary entropy of the targets
-    for ``BCEWithLogitsLoss`` (prediction = target), 0 for cross-entropy on class labels and MSE."""
+    """Return the infimum of the problem's loss over network outputs.
+
+    The mean binary entropy of the targets for ``BCEWithLogitsLoss`` (prediction = target), 0 for
+    cross-entropy on class labels and MSE.
+    """
     import torch
 
     if isinstance(prob.loss_fn, torch.nn.BCEWithLogitsLoss):
@@ -291,8 +297,11 @@ def _warm_up(method: str, prob, options: dict[str, Any], batch_size: int) -> Non
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """torch limited to one thread inside (restored after): small matrices gain nothing from more, timings are
-    reproducible, and on a machine shared with other work a thread pool only adds contention."""
+    """Limit torch to one thread inside the context (restored after).
+
+    Small matrices gain nothing from more, timings are reproducible, and on a machine shared with other work
+    a thread pool only adds contention.
+    """
     import torch
 
     threads = torch.get_num_threads()
@@ -439,7 +448,7 @@ def _k3_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 
 def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
-    """A training run (``part="train"``) or the Hessian-action check at one λ (``part="k3"``)."""
+    """Return a training run (``part="train"``) or the Hessian-action check at one λ (``part="k3"``)."""
     with one_thread():
         ds = _train_cell(cell, config) if cell["part"] == "train" else _k3_cell(cell, config)
     ds.attrs.update(problem=config["problem"], n=int(config["curvature_n"]), seed=int(config["seed"]),
@@ -448,8 +457,7 @@ def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 
 def _merge(datasets: list) -> Any:
-    """Training runs concatenated along ``run`` (method, lr, damping as its coordinates); the checks
-    along ``k3_damping``."""
+    """Merge the cells: training runs along ``run`` (method, lr, damping as coordinates), checks by ``k3_damping``."""
     import numpy as np
     import xarray as xr
 
@@ -473,7 +481,7 @@ def _merge(datasets: list) -> Any:
 
 # ------------------------------------------------------------------------------------------ claims
 def best_runs(ds) -> dict[str, int]:
-    """method → the run index with the lowest final training loss (diverged runs excluded)."""
+    """Return method → the run index with the lowest final training loss (diverged runs excluded)."""
     import numpy as np
 
     final = ds["loss"].isel(step=-1).values
@@ -540,7 +548,7 @@ def _k2(ds) -> tuple[float, bool]:
 
 
 def _last_counts(ds, run: int):
-    """The run's double-damping counters (layer, counter) at its last recorded checkpoint (NaN if none)."""
+    """Return the run's double-damping counters (layer, counter) at its last recorded checkpoint (NaN if none)."""
     import numpy as np
 
     counts = ds["dd_count"].isel(run=run).values

@@ -1,4 +1,4 @@
-"""kfac-vs-newton: is KFAC a second-order method, or gradient descent on neurons? (Benzing 2022)
+"""kfac-vs-newton: whether KFAC is a second-order method or gradient descent on neurons (Benzing 2022).
 
 Benzing (ICML 2022, "Gradient Descent on Neurons and its Link to Approximate Second-Order
 Optimization", arXiv 2201.12250) argues that KFAC with its usual heuristic damping is not close
@@ -92,7 +92,7 @@ _NONE_METHOD, _NONE_CHECKPOINT = "-", -1
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``count`` (0: unchanged) while the cell runs, then restored.
+    """Set torch's intra-op threads to ``count`` (0: unchanged) while the cell runs, then restore them.
 
     The cells are small dense problems: several threads per cell mostly contend for the cores
     (measured: a KFAC step on digits-mlp is several times slower with 2 threads on a busy 2-core
@@ -116,8 +116,10 @@ def _problem(config: Mapping[str, Any]) -> Problem:
 
 
 def _attrs(prob: Problem, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What every cell records: the curvature batch ``cl.problems.load(problem, n=n, seed=seed)`` and the
-    settings shared by both parts."""
+    """Return what every cell records: the curvature batch and the settings shared by both parts.
+
+    The curvature batch is ``cl.problems.load(problem, n=n, seed=seed)``.
+    """
     return {"problem": prob.name, "n": int(prob.meta["n"]), "seed": int(config["seed"]),
             "loss_function": type(prob.loss_fn).__name__, "batch_size": int(config["batch_size"]),
             "momentum": float(config["momentum"]), "trajectory_lr": float(config["trajectory_lr"])}
@@ -182,7 +184,7 @@ def matched_foof_direction(K: Any, g: Tensor, damping: float, layerwise: bool = 
 
 
 def direction_functions(batch: Problem) -> tuple[dict[str, Callable[[Tensor, float], Tensor]], Any]:
-    """({method: (g, λ) → direction} for :data:`DIRECTION_METHODS`, the KFAC approximation) at the batch."""
+    """Return ({method: (g, λ) → direction} for :data:`DIRECTION_METHODS`, the KFAC approximation) at the batch."""
     import curvlab as cl
 
     K, Fo = cl.approx.kfac(batch), cl.approx.foof(batch)
@@ -210,9 +212,12 @@ def _cosines(X: Tensor) -> Tensor:
 
 
 def directions_at(batch: Problem, dampings: list[float]) -> dict[str, Any]:
-    """Every direction's cosines at the batch's θ: ``cosine`` (λ, M, M), ``block_cosine`` (λ, B, M, M),
-    ``norm`` (λ, M) as NumPy arrays in the order of ``dampings`` × :data:`DIRECTION_METHODS` × blocks,
-    and the KFAC approximation ``kfac`` (for the damping diagnostics)."""
+    """Return every direction's cosines at the batch's θ.
+
+    ``cosine`` (λ, M, M), ``block_cosine`` (λ, B, M, M), ``norm`` (λ, M) as NumPy arrays in the order of
+    ``dampings`` × :data:`DIRECTION_METHODS` × blocks, and the KFAC approximation ``kfac`` (for the damping
+    diagnostics).
+    """
     import numpy as np
     import torch
 
@@ -233,8 +238,11 @@ def directions_at(batch: Problem, dampings: list[float]) -> dict[str, Any]:
 
 
 def damping_diagnostics(K: Any, dampings: list[float]) -> dict[str, Any]:
-    """Per λ and layer: shares of eig(A) below λ_A and of eig(G) below λ_G, λ_A/‖A‖₂, λ_G/‖G‖₂ (π-rule),
-    and π_l per layer, as NumPy arrays (λ, block) and (block,)."""
+    """Return the damping diagnostics per λ and layer.
+
+    Shares of eig(A) below λ_A and of eig(G) below λ_G, λ_A/‖A‖₂, λ_G/‖G‖₂ (π-rule), and π_l per layer,
+    as NumPy arrays (λ, block) and (block,).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -283,7 +291,7 @@ def _directions_cell(checkpoint: int, config: Mapping[str, Any]) -> xr.Dataset:
 
 # ---------------------------------------------------------------------------------------------- training
 def train_options(method: str, lr: float, damping: float, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(the ``cl.optim`` method name, its options) of one training run of the grid."""
+    """Return (the ``cl.optim`` method name, its options) of one training run of the grid."""
     options: dict[str, Any] = {"lr": lr, "momentum": config["momentum"]}
     if method == "sgd":
         return "sgd", options
@@ -372,8 +380,11 @@ def _merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 # ---------------------------------------------------------------------------------------------- claims
 def final_loss(train_loss: xr.DataArray) -> xr.DataArray:
-    """A run's final training loss: the mean of ``train_loss`` over the last 10 % of its steps (at least
-    one), which smooths the step-to-step oscillation of the momentum methods; NaN if any of them is."""
+    """Return a run's final training loss: the mean of ``train_loss`` over the last 10 % of its steps.
+
+    At least one step counts; the mean smooths the step-to-step oscillation of the momentum methods; NaN if
+    any of them is.
+    """
     steps = train_loss.sizes["step"] - 1
     return train_loss.isel(step=slice(-max(1, steps // 10), None)).mean("step", skipna=False)
 
@@ -387,7 +398,7 @@ def _final_losses(ds: xr.Dataset) -> xr.DataArray:
 
 
 def best_runs(ds: xr.Dataset) -> dict[str, str | None]:
-    """The run (label) of each training method with the lowest final training loss (None: all diverged)."""
+    """Return the run (label) of each training method with the lowest final training loss (None: all diverged)."""
     final = _final_losses(ds)
     out: dict[str, str | None] = {}
     for method in dict.fromkeys(str(m) for m in ds["train_method"].values):
@@ -398,7 +409,7 @@ def best_runs(ds: xr.Dataset) -> dict[str, str | None]:
 
 
 def _best_loss(ds: xr.Dataset, method: str) -> float:
-    """The best final training loss of ``method`` over its grid (+inf: every run diverged)."""
+    """Return the best final training loss of ``method`` over its grid (+inf: every run diverged)."""
     final = _final_losses(ds).where(ds["train_method"] == method, drop=True)
     if final.size == 0:
         raise ValueError(f"the Dataset has no training run of {method!r}")
@@ -588,8 +599,11 @@ def _training_figure(ds: xr.Dataset) -> Any:
 
 
 def figures(ds: xr.Dataset) -> dict[str, Any]:
-    """The study's figures: ``cosines`` (directions vs λ), ``damping`` (spectral diagnostics, the
-    KFAC → FOOF limit) and ``training`` (best run per method vs step and time), each when its data is there."""
+    """Return the study's figures, each when its data is there.
+
+    ``cosines`` (directions vs λ), ``damping`` (spectral diagnostics, the KFAC → FOOF limit) and
+    ``training`` (best run per method vs step and time).
+    """
     out = {}
     if "cosine" in ds:
         out["cosines"] = _cosines_figure(ds)

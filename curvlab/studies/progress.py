@@ -44,6 +44,7 @@ class Progress:
                             dynamic_ncols=True, smoothing=0.1)
 
     def update(self, cell: dict[str, Any], status: str, seconds: float, error: str | None = None) -> None:
+        """Count a finished cell (``status`` done or failed), advance the bar and tell the callback."""
         self.done += status == "done"
         self.failed += status == "failed"
         if self.bar is not None:
@@ -55,5 +56,6 @@ class Progress:
                                     error))
 
     def close(self) -> None:
+        """Close the progress bar, if there is one."""
         if self.bar is not None:
             self.bar.close()

@@ -89,8 +89,11 @@ def _default_merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 
 def merge_cells(study: Study, datasets: list[xr.Dataset], cells: Sequence[Mapping[str, Any]]) -> xr.Dataset:
-    """The finished cells' Datasets merged (the study's ``merge`` or the default), each cell dimension
-    in the order of first appearance in ``cells`` over the whole grid (failed cells: NaN)."""
+    """Return the finished cells' Datasets merged (the study's ``merge`` or the default).
+
+    Each cell dimension is in the order of first appearance in ``cells`` over the whole grid (failed cells:
+    NaN).
+    """
     from curvlab.studies.store import CELL_ATTRS
 
     datasets = [d.copy(deep=False) for d in datasets]
@@ -135,7 +138,7 @@ def _versions() -> dict[str, str]:
 
 def provenance(study: Study, config: Mapping[str, Any], quick: bool, digest: str, seeds: Sequence[int],
                failures: list[dict[str, Any]], executor: str, counts: Mapping[str, Any]) -> dict[str, Any]:
-    """The Dataset attrs saying what was run, how, where and with what (netCDF-safe values)."""
+    """Return the Dataset attrs saying what was run, how, where and with what (netCDF-safe values)."""
     import shlex
 
     return {
@@ -154,7 +157,7 @@ def provenance(study: Study, config: Mapping[str, Any], quick: bool, digest: str
 
 
 def failed_cells(ds: xr.Dataset) -> list[dict[str, Any]]:
-    """The cells that failed in the run that wrote ``ds``: ``[{"cell": {...}, "error": "..."}]``."""
+    """Return the cells that failed in the run that wrote ``ds``: ``[{"cell": {...}, "error": "..."}]``."""
     return json.loads(ds.attrs.get("failed_cells", "[]"))
 
 
@@ -169,7 +172,7 @@ def _study_of(ds: xr.Dataset) -> Study:
 
 
 def figures(ds: xr.Dataset, study: Study | None = None) -> dict[str, Any]:
-    """The study's figures drawn from ``ds`` (its study found from ``ds.attrs["study"]``)."""
+    """Return the study's figures drawn from ``ds`` (its study found from ``ds.attrs["study"]``)."""
     study = _study_of(ds) if study is None else study
     return {} if study.figures is None else dict(study.figures(ds))
 

@@ -55,7 +55,7 @@ class CellFailedWarning(UserWarning):
 
 
 def result_paths(name: str, quick: bool, out: str | os.PathLike | None) -> tuple[Path, Path]:
-    """(the merged Dataset's path, the cells folder) of a run."""
+    """Return (the merged Dataset's path, the cells folder) of a run."""
     root = Path("data") / "results" if out is None else Path(out)
     if root.suffix == ".nc" or root.is_file():
         raise ValueError(f"out must be a folder (the results go into it); got {str(root)!r}")
@@ -76,6 +76,7 @@ class Run:
         self.figure_paths: list[Path] = []  # set by execute
 
     def store(self) -> CellStore:
+        """Return the :class:`CellStore` of the run's cells folder, with its header (study, version, quick, config)."""
         header = {"study": self.study.name, "version": self.study.version, "quick": self.quick,
                   "config": self.config}
         return CellStore(self.folder, self.digest, header)

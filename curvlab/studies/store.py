@@ -147,11 +147,14 @@ class CellStore:
 
     # ---------------------------------------------------------------- cells
     def file(self, key: str) -> Path:
+        """Return the path of the file of cell ``key``, ``cell-<key>.nc``."""
         return self.folder / f"cell-{key}.nc"
 
     def load_finished(self, keys: Iterable[str] | None = None) -> dict[str, xr.Dataset]:
-        """The cells (of ``keys``, default all) whose files load and belong to this configuration;
-        an unreadable or foreign cell file is removed (the cell is computed again)."""
+        """Return the cells (of ``keys``, default all) whose files load and belong to this configuration.
+
+        An unreadable or foreign cell file is removed (the cell is computed again).
+        """
         from curvlab.compare.report import load
 
         done = {}
@@ -186,6 +189,7 @@ class CellStore:
         self.write_manifest()
 
     def write_manifest(self) -> None:
+        """Write the manifest atomically: the header, the config hash, the status counts and every cell's entry."""
         counts = {s: sum(e["status"] == s for e in self.entries.values()) for s in ("done", "failed", "pending")}
         manifest = {**self.header, "config_hash": self.digest, "updated": _now(), "counts": counts,
                     "cells": list(self.entries.values())}

@@ -76,7 +76,7 @@ def _digest(data: Any) -> str:
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:
-    """A cell's identity: the first 16 hex digits of the SHA-256 of its sorted JSON (its file name)."""
+    """Return a cell's identity: the first 16 hex digits of the SHA-256 of its sorted JSON (its file name)."""
     return _digest(dict(cell))[:16]
 
 
@@ -86,7 +86,7 @@ def config_hash(study: Study, config: Mapping[str, Any], quick: bool) -> str:
 
 
 def grid(**axes: Iterable[Any]) -> list[Cell]:
-    """The Cartesian product of ``axes`` in the order given (the last varies fastest), as cells.
+    """Return the Cartesian product of ``axes`` in the order given (the last varies fastest), as cells.
 
     ``grid(method=["kfac", "sgd"], seed=range(2))`` →
     ``[{"method": "kfac", "seed": 0}, {"method": "kfac", "seed": 1}, {"method": "sgd", "seed": 0}, …]``.
@@ -196,7 +196,7 @@ class Study:
 
     # ------------------------------------------------------------------ configuration
     def resolve(self, quick: bool = False, **overrides: Any) -> dict[str, Any]:
-        """The configuration of a run: ``config``, then ``quick``'s overrides, then ``overrides``.
+        """Return the configuration of a run: ``config``, then ``quick``'s overrides, then ``overrides``.
 
         Raises ``ValueError`` naming the valid keys for an unknown key, and naming the key and the
         expected type for a value of the wrong type; then runs the study's ``check``.
@@ -219,8 +219,11 @@ class Study:
         return resolved
 
     def grid_of(self, config: Mapping[str, Any]) -> list[Cell]:
-        """``cells(config)``, checked: a non-empty list of distinct mappings with the same str keys
-        whose values are JSON scalars (str, int, float, bool)."""
+        """Return ``cells(config)``, checked.
+
+        It must be a non-empty list of distinct mappings with the same str keys whose values are JSON
+        scalars (str, int, float, bool).
+        """
         cells = [dict(c) for c in self.cells(config)]
         if not cells:
             raise ValueError(f"study {self.name}: this configuration has no cells")

@@ -86,7 +86,7 @@ def _attrs(prob: Problem, config: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- approximation
 def exact_blocks(batch: Problem, fisher: str) -> Any:
-    """The exact diagonal blocks of the GGN or the empirical Fisher (``structure="block"``)."""
+    """Return the exact diagonal blocks of the GGN or the empirical Fisher (``structure="block"``)."""
     import curvlab as cl
 
     if fisher == "ggn":
@@ -97,7 +97,7 @@ def exact_blocks(batch: Problem, fisher: str) -> Any:
 
 
 def approximations(batch: Problem, fisher: str) -> dict[str, Any]:
-    """{method: its approximation of the Fisher type ``fisher`` on the batch} for :data:`METHODS`."""
+    """Return {method: its approximation of the Fisher type ``fisher`` on the batch} for :data:`METHODS`."""
     import curvlab as cl
 
     return {m: getattr(cl.approx, m)(batch, fisher=fisher) for m in METHODS}
@@ -109,8 +109,11 @@ def _block_cos(x: Tensor, y: Tensor) -> float:
 
 
 def block_measures(batch: Problem, fisher: str, dampings: list[float]) -> dict[str, Any]:
-    """Per method and layer: relative Frobenius error, trace ratio, TKFAC's c_l, and the cosines of the
-    damped block updates, as NumPy arrays (method, block), (block,) and (λ, rule, method, block)."""
+    """Return the per-method, per-layer measures of the block approximations.
+
+    Relative Frobenius error, trace ratio, TKFAC's c_l, and the cosines of the damped block updates, as
+    NumPy arrays (method, block), (block,) and (λ, rule, method, block).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -215,7 +218,7 @@ def _merge(datasets: list[xr.Dataset]) -> xr.Dataset:
 
 # ---------------------------------------------------------------------------------------------- claims
 def _t1(ds: xr.Dataset) -> tuple[float, bool]:
-    """max |tr F̂ / tr F − 1| over TKFAC, EKFAC, TEKFAC and max |c_l tr(KFAC)/tr F − 1|."""
+    """Return max |tr F̂ / tr F − 1| over TKFAC, EKFAC, TEKFAC and max |c_l tr(KFAC)/tr F − 1|."""
     import numpy as np
 
     tr = ds["trace_ratio"]
@@ -226,7 +229,7 @@ def _t1(ds: xr.Dataset) -> tuple[float, bool]:
 
 
 def _t2(ds: xr.Dataset) -> tuple[float, bool]:
-    """max of err(EKFAC) − min(err(KFAC), err(TKFAC)) (≤ 0 where the identity holds)."""
+    """Return max of err(EKFAC) − min(err(KFAC), err(TKFAC)) (≤ 0 where the identity holds)."""
     err = ds["relative_error"]
     e = err.sel({"method": "ekfac"})
     other = err.sel({"method": ["kfac", "tkfac"]}).min("method")
@@ -241,8 +244,10 @@ def _t3(ds: xr.Dataset) -> tuple[float, bool]:
 
 
 def final_log_losses(ds: xr.Dataset) -> xr.DataArray:
-    """log10 of each run's final training loss (the mean over the last 10 % of its steps; train_method,
-    train_seed); +inf for a diverged run."""
+    """Return log10 of each run's final training loss (train_method, train_seed); +inf for a diverged run.
+
+    The final loss is the mean over the last 10 % of the run's steps.
+    """
     import numpy as np
 
     from curvlab.studies.kfac_vs_newton import final_loss
@@ -252,8 +257,11 @@ def final_log_losses(ds: xr.Dataset) -> xr.DataArray:
 
 
 def effect_sizes(ds: xr.Dataset, versus: str) -> tuple[float, float]:
-    """(mean over seeds of log10 L(tekfac) − log10 L(versus), that mean / its standard deviation: the
-    paired effect size d_z), from the final training losses (NaN d_z for fewer than 2 seeds)."""
+    """Return the paired effect size of TEKFAC against ``versus`` from the final training losses.
+
+    (mean over seeds of log10 L(tekfac) − log10 L(versus), that mean / its standard deviation: the
+    paired effect size d_z), from the final training losses (NaN d_z for fewer than 2 seeds).
+    """
     import numpy as np
 
     logs = final_log_losses(ds)
@@ -400,8 +408,11 @@ def _training_figure(ds: xr.Dataset) -> Any:
 
 
 def figures(ds: xr.Dataset) -> dict[str, Any]:
-    """``errors`` (relative Frobenius error per layer over training), ``traces`` (trace ratios and c_l),
-    ``directions`` (cosines of the damped block updates vs λ) and ``training`` (curves over seeds)."""
+    """Return the study's figures.
+
+    ``errors`` (relative Frobenius error per layer over training), ``traces`` (trace ratios and c_l),
+    ``directions`` (cosines of the damped block updates vs λ) and ``training`` (curves over seeds).
+    """
     out = {}
     if "relative_error" in ds:
         out.update(errors=_errors_figure(ds), traces=_traces_figure(ds), directions=_directions_figure(ds))

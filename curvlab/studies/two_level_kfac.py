@@ -1,6 +1,7 @@
-"""Two-level KFAC: do coarse-space corrections of KFAC's cross-layer curvature help? (Koroko,
-Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou & Tran 2023, "Analysis and Comparison of Two-Level
-KFAC Methods for Training Deep Neural Networks", arXiv 2303.18083.)
+"""Two-level KFAC: whether coarse-space corrections of KFAC's cross-layer curvature help.
+
+After Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou & Tran 2023, "Analysis and Comparison of
+Two-Level KFAC Methods for Training Deep Neural Networks", arXiv 2303.18083.
 
 **Linear algebra** (cells ``part="algebra"``, one per problem × checkpoint). Problems
 ``digits-mlp-deep`` (L = 4 layers) and ``digits-autoencoder-relu`` (L = 6). A plain SGD trajectory
@@ -93,11 +94,12 @@ def steps_per_epoch(config: Mapping[str, Any]) -> int:
 
 
 def total_steps(config: Mapping[str, Any]) -> int:
+    """Return the number of optimizer steps of a run, epochs × steps per epoch."""
     return config["epochs"] * steps_per_epoch(config)
 
 
 def training_options(problem: str, method: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of :func:`curvlab.optim.make` of one training run (see the module docstring)."""
+    """Return the options of :func:`curvlab.optim.make` of one training run (see the module docstring)."""
     hyper = config["hyper"][problem]
     if method in ("sgd", "adam"):
         return {"lr": hyper[method]["lr"], **({"momentum": 0.9} if method == "sgd" else {})}
@@ -145,8 +147,10 @@ def _cells(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ the linear algebra
 def algebra(batch, dampings: list[float], coarse: list[str]) -> dict[str, Any]:
-    """The energy errors, cosines and energy gains of KFAC and every coarse space on ``batch`` (see the
-    module docstring): arrays over (damping,) and (damping, coarse), and the coarse columns (coarse,)."""
+    """Return the energy errors, cosines and energy gains of KFAC and every coarse space on ``batch``.
+
+    See the module docstring: arrays over (damping,) and (damping, coarse), and the coarse columns (coarse,).
+    """
     import numpy as np
 
     import curvlab as cl
@@ -252,8 +256,10 @@ def run_cell(cell: Mapping[str, Any], config: Mapping[str, Any]):
 
 
 def _nest(datasets: list, dims: list[str]) -> Any:
-    """The datasets (length-1 ``dims``) concatenated along ``dims``, the last innermost (outer join:
-    θ of problems of different sizes is NaN-padded)."""
+    """Return the datasets (length-1 ``dims``) concatenated along ``dims``, the last innermost.
+
+    An outer join: θ of problems of different sizes is NaN-padded.
+    """
     import xarray as xr
 
     if not dims:
@@ -285,7 +291,7 @@ def _merge(datasets: list) -> Any:
 
 # ------------------------------------------------------------------------------------------ claims
 def _final_excess(ds):
-    """Final loss − floor per (problem, method, seed); a diverged run counts as +inf."""
+    """Return final loss − floor per (problem, method, seed); a diverged run counts as +inf."""
     import numpy as np
 
     final = ds["loss"].isel(step=-1) - ds["loss_floor"]
