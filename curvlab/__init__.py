@@ -21,8 +21,6 @@ __version__ = "0.1.0"
 
 _LAZY = ("approx", "compare", "problems", "data", "plot", "capture", "losses", "reference", "cli", "optim",
          "studies")
-#: parts of design.md that later issues build; asking for them says so instead of a bare ImportError
-_PLANNED: dict[str, str] = {}
 
 __all__ = ["Problem", "Block", "Partition", "CurvatureMatrix", "Dense", "BlockDiagonal", "Diagonal",
            "MatrixFree", "exact", "linalg", "memory", "__version__", *_LAZY]
@@ -31,6 +29,4 @@ __all__ = ["Problem", "Block", "Partition", "CurvatureMatrix", "Dense", "BlockDi
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f"curvlab.{name}")
-    if name in _PLANNED:
-        raise AttributeError(f"curvlab.{name} ({_PLANNED[name]}) is not built yet")
     raise AttributeError(f"module 'curvlab' has no attribute {name!r}")
