@@ -35,7 +35,7 @@ __all__ = ["Study", "Claim", "Cell", "grid", "names", "get", "register", "run", 
            "ConfigurationChanged", "StudyFailed", "CellFailedWarning", "VOLATILE_ATTRS"]
 
 #: modules of this package that are the runner, not studies
-_INFRASTRUCTURE = frozenset({"study", "runner", "store", "executors", "results", "claims", "progress"})
+_INFRASTRUCTURE = frozenset({"study", "runner", "store", "executors", "results", "claims", "progress", "checks"})
 _REGISTRY: dict[str, Study] = {}
 _discovered = False
 

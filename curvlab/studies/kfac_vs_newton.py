@@ -69,7 +69,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from curvlab.studies import Claim, Study
+from curvlab.studies import Claim, Study, checks
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -615,20 +615,11 @@ def figures(ds: xr.Dataset) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the study
 def _check(config: Mapping[str, Any]) -> None:
-    import curvlab as cl
-
-    if config["problem"] not in cl.problems.names():
-        raise ValueError(f"problem {config['problem']!r} is not a canned problem; valid: {cl.problems.names()}")
-    for key in ("n", "batch_size", "train_steps", "inverse_period"):
-        if config[key] < 1:
-            raise ValueError(f"{key} must be a positive integer; got {config[key]!r}")
-    if config["threads"] < 0:
-        raise ValueError(f"threads must be ≥ 0 (0: leave torch's setting); got {config['threads']!r}")
-    if not config["checkpoints"] or any(c < 0 for c in config["checkpoints"]) or \
-            len(set(config["checkpoints"])) != len(config["checkpoints"]):
-        raise ValueError(f"checkpoints must be distinct steps ≥ 0; got {config['checkpoints']!r}")
-    if not config["damping"] or any(not d > 0 for d in config["damping"]):
-        raise ValueError(f"damping must be a non-empty list of values > 0; got {config['damping']!r}")
+    checks.canned_problem(config)
+    checks.positive_integers(config, ("n", "batch_size", "train_steps", "inverse_period"))
+    checks.non_negative_integers(config, ("threads",))
+    checks.distinct_steps(config, "checkpoints")
+    checks.positive_numbers(config, "damping")
     if config["kl_clip"] is not None and not (isinstance(config["kl_clip"], (int, float)) and config["kl_clip"] > 0):
         raise ValueError(f"kl_clip must be null (no clipping) or a number > 0; got {config['kl_clip']!r}")
     unknown = [m for m in config["train_methods"] if m not in TRAIN_METHODS]

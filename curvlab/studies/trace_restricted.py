@@ -46,7 +46,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from curvlab.studies import Claim, Study
+from curvlab.studies import Claim, Study, checks
 from curvlab.studies.kfac_vs_newton import torch_threads, trajectory_theta
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -423,20 +423,11 @@ def figures(ds: xr.Dataset) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the study
 def _check(config: Mapping[str, Any]) -> None:
-    import curvlab as cl
-
-    if config["problem"] not in cl.problems.names():
-        raise ValueError(f"problem {config['problem']!r} is not a canned problem; valid: {cl.problems.names()}")
-    for key in ("n", "batch_size", "train_steps"):
-        if config[key] < 1:
-            raise ValueError(f"{key} must be a positive integer; got {config[key]!r}")
-    if config["train_seeds"] < 0 or config["threads"] < 0:
-        raise ValueError("train_seeds and threads must be ≥ 0")
-    if not config["checkpoints"] or any(c < 0 for c in config["checkpoints"]) or \
-            len(set(config["checkpoints"])) != len(config["checkpoints"]):
-        raise ValueError(f"checkpoints must be distinct steps ≥ 0; got {config['checkpoints']!r}")
-    if not config["damping"] or any(not d > 0 for d in config["damping"]):
-        raise ValueError(f"damping must be a non-empty list of values > 0; got {config['damping']!r}")
+    checks.canned_problem(config)
+    checks.positive_integers(config, ("n", "batch_size", "train_steps"))
+    checks.non_negative_integers(config, ("train_seeds", "threads"))
+    checks.distinct_steps(config, "checkpoints")
+    checks.positive_numbers(config, "damping")
     bad = [f for f in config["fishers"] if f not in FISHERS] + \
           [m for m in config["train_methods"] if m not in TRAIN_METHODS]
     if bad or not config["fishers"]:
