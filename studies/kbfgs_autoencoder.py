@@ -6,12 +6,9 @@ Change the grid by editing OVERRIDES (the keys `curvlab studies kbfgs-autoencode
 {"epochs": 20, "grid": {"kbfgs": {"lr": [1.0], "damping": [1e-3]}, "adam": {"lr": [1e-2]}}}.
 """
 
-import sys
-
 import curvlab as cl
 
 OVERRIDES: dict = {}
 
 if __name__ == "__main__":
-    ds = cl.studies.run("kbfgs-autoencoder", quick="--quick" in sys.argv[1:], progress=True, **OVERRIDES)
-    print(cl.studies.format_verdicts(ds))
+    cl.studies.script("kbfgs-autoencoder", OVERRIDES)   # --quick, --out FOLDER, --processes N, --restart

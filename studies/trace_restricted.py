@@ -5,8 +5,6 @@ writes data/results/trace-restricted[-quick].nc and its figures and prints the v
 to change the grid (the keys: ``curvlab studies trace-restricted``).
 """
 
-import argparse
-
 import curvlab as cl
 
 OVERRIDES: dict = {
@@ -15,10 +13,4 @@ OVERRIDES: dict = {
 }
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the small grid (about a minute)")
-    parser.add_argument("--processes", type=int, default=None, help="run the cells in N worker processes")
-    args = parser.parse_args()
-    executor = None if args.processes is None else f"processes:{args.processes}"
-    ds = cl.studies.run("trace-restricted", quick=args.quick, executor=executor, **OVERRIDES)
-    print(cl.studies.format_verdicts(ds))
+    cl.studies.script("trace-restricted", OVERRIDES)   # --quick, --out FOLDER, --processes N, --restart

@@ -6,12 +6,9 @@ Change the grid by editing OVERRIDES (the keys `curvlab studies two-level-kfac` 
 {"problems": ["digits-mlp-deep"], "damping": [1e-3, 1e-1], "seeds": 3}.
 """
 
-import sys
-
 import curvlab as cl
 
 OVERRIDES: dict = {}
 
 if __name__ == "__main__":
-    ds = cl.studies.run("two-level-kfac", quick="--quick" in sys.argv[1:], progress=True, **OVERRIDES)
-    print(cl.studies.format_verdicts(ds))
+    cl.studies.script("two-level-kfac", OVERRIDES)   # --quick, --out FOLDER, --processes N, --restart

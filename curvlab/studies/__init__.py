@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from curvlab.studies.progress import CellEvent
 
-__all__ = ["Study", "Claim", "Cell", "grid", "names", "get", "register", "run", "prepare", "verdicts",
+__all__ = ["Study", "Claim", "Cell", "grid", "names", "get", "register", "run", "script", "prepare", "verdicts",
            "format_verdicts", "failed_cells", "figures", "save_figures", "load", "result_paths",
            "ConfigurationChanged", "StudyFailed", "CellFailedWarning", "VOLATILE_ATTRS"]
 
@@ -128,6 +128,34 @@ def run(name: str | Study, quick: bool = False, out: str | os.PathLike | None = 
 
     return runner.run(get(name), quick=quick, out=out, executor=executor, restart=restart, progress=progress,
                       **overrides)
+
+
+def script(name: str, overrides: dict[str, Any] | None = None, argv: list[str] | None = None) -> xr.Dataset:
+    """Run study ``name`` as a script: the entry point of the thin scripts in the repository's ``studies/``.
+
+    Parses ``--quick``, ``--out FOLDER``, ``--processes N`` and ``--restart`` from ``argv`` (default
+    ``sys.argv[1:]``), runs the study with ``overrides`` (the script's ``OVERRIDES``), prints the
+    verdict table and returns the merged Dataset. The same as ``curvlab run NAME`` with ``--set``.
+    """
+    import argparse
+
+    from curvlab.studies.claims import format_verdicts
+
+    study = get(name)
+    parser = argparse.ArgumentParser(prog=f"studies/{name.replace('-', '_')}.py",
+                                     description=f"{study.name}: {study.description}")
+    parser.add_argument("--quick", action="store_true", help="the small configuration (minutes)")
+    parser.add_argument("--out", default=None, help="results folder (default data/results)")
+    parser.add_argument("--processes", type=int, default=None, help="run the cells in N worker processes")
+    parser.add_argument("--restart", action="store_true", help="discard the cells of an earlier run")
+    args = parser.parse_args(argv)
+    if args.processes is not None and args.processes < 1:
+        parser.error(f"--processes must be ≥ 1; got {args.processes}")
+    executor = None if args.processes is None else f"processes:{args.processes}"
+    ds = run(study, quick=args.quick, out=args.out, executor=executor, restart=args.restart,
+             **(overrides or {}))
+    print(format_verdicts(ds))
+    return ds
 
 
 def prepare(name: str | Study, quick: bool = False, out: Any = None, **overrides: Any) -> Any:

@@ -96,3 +96,26 @@ def test_listing_the_studies_imports_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_scripts_entry_point_runs_with_overrides_and_prints_the_verdicts(toy, tmp_path, capsys):
+    ds = cl.studies.script("toy", {"b": [0.5]}, ["--quick", "--out", str(tmp_path)])
+    assert toy.CALLS == [(1, 0.5), (2, 0.5)]
+    assert (tmp_path / "toy-quick.nc").exists() and bool(ds.attrs["quick"])
+    assert "T1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cl.studies.script("toy", {}, ["--processes", "0"])
+    assert info.value.code == 2 and "--processes must be ≥ 1; got 0" in capsys.readouterr().err
+
+
+def test_every_study_script_calls_the_entry_point_of_its_study():
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(__file__).parents[2] / "studies"
+    scripts = sorted(folder.glob("*.py"))
+    assert len(scripts) == len(cl.studies.names()) - ("toy" in cl.studies.names())
+    for path in scripts:
+        calls = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                 and getattr(node.func, "attr", None) == "script"]
+        assert [c.args[0].value for c in calls] == [path.stem.replace("_", "-")], path
