@@ -165,3 +165,50 @@ def test_fused_step_with_an_exact_block():
     plain, _, _ = _trajectory("kfac", False, prob_name="layernorm", unsupported="exact", lr=0.05)
     for a, b in zip(fused, plain):
         assert rel(a, b) < EXACT
+
+
+# ---------------------------------------------------------------------------------------------- cached inverse
+RULES = ["own", "exact", "pi", "factored", "trace"]
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac", "foof"])
+@pytest.mark.parametrize("rule", RULES)
+def test_damped_inverse_is_the_checked_solve(method, rule):
+    from curvlab.optim.inverse import DampedInverse
+
+    prob = PROBLEMS["digits-mlp"]()
+    g = prob.gradient()
+    for partition in ("module", "all"):  # "all": one block of several layers (a nested approximation)
+        p = cl.Problem(prob.model, prob.loss_fn, prob.X, prob.y, partition=partition)
+        C = getattr(cl.approx, method)(p)
+        ref = C.direction(g, 0.1, mode=rule)
+        assert rel(DampedInverse(C, 0.1, rule).direction(g), ref) < EXACT
+
+
+@pytest.mark.parametrize("rule", ["own", "exact"])
+def test_damped_inverse_with_an_exact_block(rule):
+    from curvlab.optim.inverse import DampedInverse
+
+    prob = PROBLEMS["layernorm"]()
+    g = prob.gradient()
+    C = cl.approx.kfac(prob, unsupported="exact")
+    assert rel(DampedInverse(C, 0.1, rule).direction(g), C.direction(g, 0.1, mode=rule)) < EXACT
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "foof"])
+def test_cached_inverse_takes_the_solve_step(method):
+    """Between refreshes the direction comes from the cached inverse; the steps are the matrix's solves,
+    also after the damping changes."""
+    prob = PROBLEMS["digits-mlp"]()
+    opt = optim.make(method, PROBLEMS["digits-mlp"]().model, prob.loss_fn, lr=0.05, momentum=0.0, kl_clip=None,
+                     inverse_period=3)
+    pre = opt.preconditioner
+    for step, ix in enumerate(optim.batches(prob.num_samples, 24, 6, seed=0)):
+        if step == 4:
+            pre.damping = 0.05
+        batch = prob.with_batch(prob.X[ix], prob.y[ix], opt.theta())
+        before = opt.theta()
+        opt.step(prob.X[ix], prob.y[ix])
+        ref = opt.curvature().direction(batch.gradient(), pre.damping, mode="own")
+        assert rel((opt.theta() - before) / 0.05, ref) < 1e-10, step
+        assert (pre._inverse is not None) == (step in (1, 2, 5)), step
