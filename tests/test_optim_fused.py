@@ -212,3 +212,66 @@ def test_cached_inverse_takes_the_solve_step(method):
         ref = opt.curvature().direction(batch.gradient(), pre.damping, mode="own")
         assert rel((opt.theta() - before) / 0.05, ref) < 1e-10, step
         assert (pre._inverse is not None) == (step in (1, 2, 5)), step
+
+
+# ---------------------------------------------------------------------------------------------- K-BFGS passes
+class InplaceReluNet(nn.Module):
+    """An in-place activation right after a layer: the recorded pre-activations must stay untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu_(self.a(x)))
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn", "inplace-relu"])
+@pytest.mark.parametrize("input_factors", [True, False])
+def test_layer_pass_is_kbfgs_statistics(name, input_factors):
+    from curvlab.approx.kbfgs import kbfgs_statistics
+    from curvlab.optim.passes import layer_pass
+
+    prob = _custom(InplaceReluNet(), 5, 3, nn.CrossEntropyLoss()) if name == "inplace-relu" else PROBLEMS[name]()
+    fast = layer_pass(prob, prob.theta, input_factors)
+    ref = kbfgs_statistics(prob, prob.theta, input_factors=input_factors)
+    assert rel(fast.gradient, _autograd(prob)[1]) < EXACT and rel(fast.gradient, ref.gradient) < EXACT
+    assert fast.loss == pytest.approx(ref.loss, rel=EXACT) and fast.num_samples == ref.num_samples
+    assert list(fast.layers) == list(ref.layers)
+    for n, st in fast.layers.items():
+        r = ref.layers[n]
+        for field in ("input_mean", "input_factor", "preact_mean", "preact_grad_sum"):
+            x, y = getattr(st, field), getattr(r, field)
+            assert (x is None) == (y is None) == (field == "input_factor" and not input_factors)
+            if x is not None:
+                assert rel(x, y) < EXACT, (n, field)
+
+
+def test_layer_pass_declines_a_layer_applied_twice():
+    from curvlab.optim.passes import layer_pass
+
+    prob = PROBLEMS["digits-mlp"]()
+    twice = nn.Sequential(prob.model, nn.Linear(10, 10).double())
+    twice[1].weight.data = torch.eye(10, dtype=torch.float64)
+    p = cl.Problem(twice, prob.loss_fn, prob.X, prob.y)
+    p.structure_cache["survey"] = cl.layers.survey(p)
+    orig = twice.forward
+    twice.forward = lambda x: twice[1](orig(x))  # the last layer now runs twice per call
+    assert layer_pass(p, p.theta) is None
+
+
+@pytest.mark.parametrize("method", ["kbfgs", "kbfgs-l"])
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+def test_kbfgs_plain_passes_take_the_same_steps(method, name):
+    def trajectory(plain: bool) -> list[torch.Tensor]:
+        prob = PROBLEMS[name]()
+        opt = optim.make(method, PROBLEMS[name]().model, prob.loss_fn, lr=0.1)
+        opt.preconditioner.plain_passes = plain
+        out = []
+        for ix in optim.batches(prob.num_samples, prob.num_samples // 2, 5, seed=0):
+            opt.step(prob.X[ix], prob.y[ix])
+            out.append(opt.theta())
+        return out
+
+    for a, b in zip(trajectory(True), trajectory(False)):
+        assert rel(a, b) < EXACT

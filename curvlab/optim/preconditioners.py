@@ -277,16 +277,19 @@ class KBFGSPreconditioner(Preconditioner):
     moving average, H_a); the direction is −H_g D̄ H_a with D̄ the momentum-averaged gradient
     (momentum acts on the gradient, as in the authors' code); after the step a second pass on the
     same minibatch gives the pre-activation pairs (s, y) that update H_g (double damping) and the
-    Hessian-action update of H_a. The state is :class:`curvlab.approx.KBFGS`.
+    Hessian-action update of H_a. The state is :class:`curvlab.approx.KBFGS`. Both passes are plain
+    calls of the model (:func:`curvlab.optim.passes.layer_pass`); ``plain_passes=False`` takes them
+    through :func:`curvlab.approx.kbfgs.kbfgs_statistics` instead (same numbers up to rounding).
     """
 
     momentum_on = "gradient"
 
     def __init__(self, method: str, damping: float, history: int = 100, input_decay: float = 0.9,
-                 pair_decay: float | None = None, mu1: float = 0.2) -> None:
+                 pair_decay: float | None = None, mu1: float = 0.2, plain_passes: bool = True) -> None:
         super().__init__(damping)
         self.method, self.history, self.input_decay, self.pair_decay, self.mu1 = method, history, input_decay, \
             pair_decay, mu1
+        self.plain_passes = plain_passes
         self._state = None
         self._before = None
 
@@ -297,12 +300,19 @@ class KBFGSPreconditioner(Preconditioner):
             self._state = KBFGS(batch, damping=self.damping, method=self.method, history=self.history,
                                 input_decay=self.input_decay, pair_decay=self.pair_decay, mu1=self.mu1)
 
+    def _statistics(self, batch: Problem, theta: Tensor, input_factors: bool) -> Any:
+        """The batch statistics at θ (the model's parameters): from plain passes of the model
+        (:func:`curvlab.optim.passes.layer_pass`) unless ``plain_passes=False`` or they do not apply."""
+        from curvlab.approx.kbfgs import kbfgs_statistics
+        from curvlab.optim.passes import layer_pass
+
+        stats = layer_pass(batch, theta, input_factors) if self.plain_passes else None
+        return stats if stats is not None else kbfgs_statistics(batch, theta, input_factors=input_factors)
+
     def loss_and_gradient(self, batch: Problem, step: int = 0,
                           curvature_batch: Problem | None = None) -> tuple[float, Tensor]:
-        from curvlab.approx.kbfgs import kbfgs_statistics
-
         self._ensure(batch)
-        self._before = kbfgs_statistics(batch, batch.theta)
+        self._before = self._statistics(batch, batch.theta, True)
         return self._before.loss, self._before.gradient
 
     def update(self, batch: Problem, step: int) -> None:
@@ -313,9 +323,7 @@ class KBFGSPreconditioner(Preconditioner):
         return self._state.precondition(g)
 
     def after_step(self, batch: Problem, theta: Tensor) -> None:
-        from curvlab.approx.kbfgs import kbfgs_statistics
-
-        after = kbfgs_statistics(batch, theta, input_factors=False)
+        after = self._statistics(batch, theta, False)
         self._state.update_from_step(self._before, after)
 
     def curvature(self) -> CurvatureMatrix | None:
