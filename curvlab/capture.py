@@ -515,11 +515,11 @@ def _take_gradient(piece: LayerIO | GenericRows, grad: Tensor) -> None:
         grad[piece.start:piece.stop] = piece.rows[-1].sum(dim=0)
         piece.rows = piece.rows[:-1]
         return
-    g = piece.g[-1]  # (N, T, d_out): ∇_z L
+    g = piece.g[-1].reshape(-1, piece.d_out)  # (N·T, d_out): ∇_z L at every sample and position
     w_stop = piece.start + piece.d_out * piece.d_in
-    grad[piece.start:w_stop] = torch.einsum("ntp,ntq->pq", g, piece.a).reshape(-1)
+    torch.mm(g.T, piece.a.reshape(-1, piece.d_in), out=grad[piece.start:w_stop].view(piece.d_out, piece.d_in))
     if piece.has_bias:
-        grad[w_stop:piece.stop] = g.sum(dim=(0, 1))
+        torch.sum(g, dim=0, out=grad[w_stop:piece.stop])
     piece.g = piece.g[:-1]
 
 
