@@ -79,6 +79,22 @@ def test_fused_gradient_is_autograds(name, fisher):
             assert x.shape == y.shape and rel(x, y) < EXACT
 
 
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_fused_gradient_from_the_empirical_cotangent(name):
+    """The empirical Fisher's cotangent √R ∇_f ℓ_n is ∇_f L / √R: the gradient is read off it (loss_row = √R),
+    nothing is appended, and the capture is the plain one."""
+    prob = PROBLEMS[name]()
+    cot = output_cotangents(prob, "empirical")
+    cap, _, g = capture_with_gradient(prob, cot, loss_row=prob.loss_scale**0.5)
+    assert rel(g, _autograd(prob)[1]) < EXACT
+    plain = capture(prob, cot)
+    for p, q in zip(cap.pieces, plain.pieces):
+        x, y = (p.rows, q.rows) if isinstance(p, GenericRows) else (p.g, q.g)
+        assert x.shape == y.shape and rel(x, y) < EXACT
+    col = collect(prob, "empirical", unsupported="exact", gradient=True)
+    assert rel(col.gradient, _autograd(prob)[1]) < EXACT
+
+
 @pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn", "tied-modules"])
 def test_fused_gradient_without_statistics_cotangents(name):
     """No statistics cotangents (FOOF's forward-only pass): the one cotangent is the loss's, a plain backward."""

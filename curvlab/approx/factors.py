@@ -310,7 +310,8 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     generic = bool(missing) and unsupported == "exact"
     loss = grad = None
     if gradient:
-        cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=generic)
+        row = prob.loss_scale**0.5 if fisher == "empirical" else None  # its cotangent is √R ∇_f ℓ_n = ∇_f L / √R
+        cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=generic, loss_row=row)
     else:
         cap = capture(prob, cot, layers=layers, generic=generic)
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
