@@ -19,6 +19,10 @@ of single-sample forward passes: vmapped, or looped over the samples where vmap 
 model, e.g. ``nn.LSTM`` — :func:`rows_path`), so any architecture reverse mode can differentiate
 works.
 
+:func:`capture_with_gradient` also returns the batch loss and its gradient from the same two passes
+(the loss's output cotangent joins the batched backward pass): training methods whose statistics
+need this pass anyway skip a separate gradient pass.
+
 The structured path assumes, as every per-sample method does, that the model treats samples
 independently (no batch statistics): :class:`~curvlab.Problem` rejects batch norm in training mode.
 """
