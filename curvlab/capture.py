@@ -19,6 +19,10 @@ of single-sample forward passes: vmapped, or looped over the samples where vmap 
 model, e.g. ``nn.LSTM`` — :func:`rows_path`), so any architecture reverse mode can differentiate
 works.
 
+:func:`capture_with_gradient` also returns the batch loss and its gradient from the same two passes
+(the loss's output cotangent joins the batched backward pass): training methods whose statistics
+need this pass anyway skip a separate gradient pass.
+
 The structured path assumes, as every per-sample method does, that the model treats samples
 independently (no batch statistics): :class:`~curvlab.Problem` rejects batch norm in training mode.
 """
@@ -40,7 +44,7 @@ from curvlab.vocabulary import fisher_type
 
 __all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
-           "rows_path", "ROWS_PATHS"]
+           "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient"]
 
 
 @dataclass
@@ -495,3 +499,69 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
         pieces.extend(_generic_pieces(prob, theta, covered, U))
     pieces.sort(key=lambda p: p.start)
     return Capture(pieces, f.detach(), prob.X.shape[0])
+
+
+# ---------------------------------------------------------------------------------------- fused loss gradient
+def loss_cotangent(prob: Problem) -> Callable[[Tensor], Tensor]:
+    """f ↦ ∇_f L = R ∇_f ℓ_n, shape (N, *out): the output cotangent whose backpropagation is ∇L(θ)
+    (L = R Σ_n ℓ_n, the user's loss with its reduction; :mod:`curvlab.losses`)."""
+    R, lik, y = prob.loss_scale, prob.likelihood, prob.y
+    return lambda f: R * lik.grad_output(f, y)
+
+
+def _take_gradient(piece: LayerIO | GenericRows, grad: Tensor, row: int, scale: float) -> None:
+    """Write ``scale`` × the parameter gradient of cotangent ``row`` of ``piece`` into ``grad``.
+
+    A layer: ∇W = Σ_n Σ_t g_nt a_ntᵀ (d_out × d_in, row-major as ``weight.flatten()``; convolution:
+    over the unfolded patches), ∇b = Σ_n Σ_t g_nt; other parameters: Σ_n v_n, the rows' sum.
+    """
+    if isinstance(piece, GenericRows):
+        grad[piece.start:piece.stop] = piece.rows[row].sum(dim=0)
+    else:
+        g = piece.g[row].reshape(-1, piece.d_out)  # (N·T, d_out): the cotangent at every sample and position
+        w_stop = piece.start + piece.d_out * piece.d_in
+        torch.mm(g.T, piece.a.reshape(-1, piece.d_in), out=grad[piece.start:w_stop].view(piece.d_out, piece.d_in))
+        if piece.has_bias:
+            torch.sum(g, dim=0, out=grad[w_stop:piece.stop])
+    if scale != 1.0:
+        grad[piece.start:piece.stop] *= scale
+
+
+def _drop_last(piece: LayerIO | GenericRows) -> None:
+    if isinstance(piece, GenericRows):
+        piece.rows = piece.rows[:-1]
+    else:
+        piece.g = piece.g[:-1]
+
+
+def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor | None = None,
+                          layers: dict[str, nn.Module] | None = None, generic: bool = True,
+                          loss_row: float | None = None) -> tuple[Capture, Tensor, Tensor | None]:
+    """:func:`capture` plus the batch loss L(θ) and its gradient ∇L(θ) from the same two passes.
+
+    The loss's output cotangent ∇_f L (:func:`loss_cotangent`) is appended to ``cotangents(f)``, so the
+    batched backward pass backpropagates it with the others (a plain backward pass when ``cotangents``
+    gives none); the gradient is read off the captured pieces (:func:`_take_gradient`) and that
+    cotangent dropped, so the :class:`Capture` is exactly :func:`capture`'s. When ∇_f L is already
+    ``loss_row`` × the first cotangent (the empirical Fisher's √R ∇_f ℓ_n: ``loss_row`` = √R) nothing
+    is appended and the gradient is ``loss_row`` × that cotangent's. Returns (capture, loss as a 0-d
+    tensor, flat gradient (P,)); the gradient is None when the pieces do not cover θ (``generic=False``
+    with parameters outside structured layers).
+    """
+    grad_output = loss_cotangent(prob)
+
+    def fused(f: Tensor) -> Tensor:
+        U = cotangents(f)
+        return torch.cat([U, grad_output(f)[None].to(U.dtype)])
+
+    theta = prob.theta if theta is None else theta
+    cap = capture(prob, cotangents if loss_row is not None else fused, theta, layers, generic)
+    grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
+    for piece in cap.pieces:
+        _take_gradient(piece, grad, 0 if loss_row is not None else -1, 1.0 if loss_row is None else loss_row)
+        if loss_row is None:
+            _drop_last(piece)
+    covered = sum(p.size for p in cap.pieces) == prob.num_params
+    with torch.no_grad():
+        loss = prob.likelihood.loss(cap.output, prob.y)
+    return cap, loss, grad if covered else None

@@ -43,7 +43,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from curvlab.capture import FISHER_TYPES, Capture, LayerIO, capture, output_cotangents, supported_layers
+from curvlab.capture import (
+    FISHER_TYPES,
+    Capture,
+    LayerIO,
+    capture,
+    capture_with_gradient,
+    output_cotangents,
+    supported_layers,
+)
 from curvlab.exact.outer import block_from_capture
 from curvlab.layers import survey
 from curvlab.linalg import CurvatureMatrix
@@ -224,6 +232,9 @@ class Collection:
     approx: str
     cap: Capture
     plans: list[BlockPlan]
+    #: with ``collect(..., gradient=True)``: the batch loss L(θ) and its flat gradient ∇L(θ)
+    loss: Tensor | None = None
+    gradient: Tensor | None = None
 
     def exact_block(self, block: Block) -> CurvatureMatrix:
         """Return the oracle's exact block (same Fisher type, same samples) for a non-Kronecker block."""
@@ -267,12 +278,15 @@ def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, u
 
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
-            unsupported: str = "error", method: str = "kfac", exact_option: bool = True) -> Collection:
+            unsupported: str = "error", method: str = "kfac", exact_option: bool = True,
+            gradient: bool = False) -> Collection:
     """One forward and one batched backward pass; a Kronecker plan for every partition block.
 
     ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
     ``exact_option=False``: the method has no ``unsupported="exact"`` fallback, so the error for
     unsupported parameters does not suggest it (always so for ``fisher=None``).
+    ``gradient=True``: the same passes also give the batch loss and gradient (``Collection.loss``,
+    ``Collection.gradient``; :func:`curvlab.capture.capture_with_gradient`).
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
@@ -297,7 +311,13 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     if missing and unsupported == "error":
         raise _unsupported_error(prob, missing, method, offer_exact)
 
-    cap = capture(prob, cot, layers=layers, generic=bool(missing) and unsupported == "exact")
+    generic = bool(missing) and unsupported == "exact"
+    loss = grad = None
+    if gradient:
+        row = prob.loss_scale**0.5 if fisher == "empirical" else None  # its cotangent is √R ∇_f ℓ_n = ∇_f L / √R
+        cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=generic, loss_row=row)
+    else:
+        cap = capture(prob, cot, layers=layers, generic=generic)
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]
     covered = {n for io in ios for n in ([io.weight] + ([io.bias] if io.bias else []))}
     missing = [n for n in prob.param_names if n not in covered]
@@ -320,4 +340,4 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
             pieces.append(KronPiece(io.name or "(root)", io, w, b, start, stop))
         pieces.sort(key=lambda p: p.start)
         plans.append(BlockPlan(block, pieces))
-    return Collection(prob, fisher, approx, cap, plans)
+    return Collection(prob, fisher, approx, cap, plans, loss, grad)

@@ -8,7 +8,8 @@
 
 One step on a minibatch (X, y) at parameters θ:
 
-1. the batch loss and gradient g (the user's loss on the batch), plus weight decay: g ← g + τθ;
+1. the batch loss and gradient g (the user's loss on the batch; from the preconditioner's statistics
+   pass where it makes one on the step batch), plus weight decay: g ← g + τθ;
 2. the preconditioner refreshes its statistics from the curvature batch (the step batch, or a
    seeded fraction of it: ``curvature_fraction``) and gives the direction d (e.g. −(C + λI)⁻¹g);
 3. KL-clipping (Ba, Grosse & Martens 2017; the KFAC implementations of Koroko et al. 2023):
@@ -150,8 +151,8 @@ class CurvatureOptimizer(_BatchOptimizer):
         idx = torch.randperm(batch.num_samples, generator=gen)[:n].to(batch.X.device)
         return batch.with_batch(batch.X[idx], batch.y[idx])
 
-    def _gradient(self, batch: Problem) -> tuple[float, Tensor]:
-        out = self.preconditioner.loss_and_gradient(batch)
+    def _gradient(self, batch: Problem, curvature_batch: Problem) -> tuple[float, Tensor]:
+        out = self.preconditioner.loss_and_gradient(batch, self.steps_taken, curvature_batch)
         if out is None:
             theta = batch.theta.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -182,14 +183,15 @@ class CurvatureOptimizer(_BatchOptimizer):
         """One update on the minibatch (X, y) (or the (X, y) a closure returns); returns the batch loss."""
         X, y = self._batch(X, y, closure)
         batch = self.problem(X, y)
-        loss, g = self._gradient(batch)
+        curvature_batch = self._curvature_batch(batch)
+        loss, g = self._gradient(batch, curvature_batch)
         if not math.isfinite(loss) or not bool(torch.isfinite(g).all()):
             raise FloatingPointError(f"{self.method}: the loss or gradient is not finite at step {self.steps_taken} "
                                      f"(loss {loss}); lower the learning rate or raise the damping")
         tau = self.param_groups[0]["weight_decay"]
         if tau:
             g = g + tau * batch.theta
-        self.preconditioner.update(self._curvature_batch(batch), self.steps_taken)
+        self.preconditioner.update(curvature_batch, self.steps_taken)
         d = self._momentum_direction(g)
         theta = batch.theta + self.lr * d
         self._set_theta(theta)

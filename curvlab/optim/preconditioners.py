@@ -10,7 +10,8 @@ three questions for :class:`~curvlab.optim.CurvatureOptimizer`:
 * ``curvature()``: the CurvatureMatrix in use (aligned with the oracle's blocks), for comparators.
 
 Methods with a second pass after the step (K-BFGS) implement ``after_step``; methods whose
-statistics pass already yields the loss and gradient (K-BFGS) implement ``loss_and_gradient``.
+statistics pass already yields the loss and gradient (K-BFGS; the Kronecker family on the steps it
+collects statistics) implement ``loss_and_gradient``, and the optimizer skips its own gradient pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
 from curvlab.approx.statistics import FAMILIES, Basis, average, kronecker_basis
 from curvlab.linalg import CurvatureMatrix
+from curvlab.optim.inverse import DampedInverse
 from curvlab.problem import Problem
 
 __all__ = ["Preconditioner", "KroneckerPreconditioner", "ExactPreconditioner", "KBFGSPreconditioner",
@@ -40,8 +42,12 @@ class Preconditioner:
     def __init__(self, damping: float = 0.0) -> None:
         self.damping = float(damping)
 
-    def loss_and_gradient(self, batch: Problem) -> tuple[float, Tensor] | None:
-        """The batch loss and gradient when this method computes them anyway (else None)."""
+    def loss_and_gradient(self, batch: Problem, step: int = 0,
+                          curvature_batch: Problem | None = None) -> tuple[float, Tensor] | None:
+        """The batch loss and gradient when this method computes them anyway (else None).
+
+        ``step`` and ``curvature_batch`` are those ``update`` is called with next (None: ``batch``).
+        """
         return None
 
     def update(self, batch: Problem, step: int) -> None:
@@ -73,11 +79,17 @@ class KroneckerPreconditioner(Preconditioner):
     averaged factors and restart the average of S* in the new basis (George et al. 2018). With
     ``ema_decay=0`` and both periods 1 each step uses exactly ``cl.approx.<method>`` on its batch.
     The direction is ``C.direction(g, damping, mode=damping_rule)`` (``"own"``: the method's rule).
+
+    On the steps that collect statistics from the step batch itself the loss and gradient come from
+    the statistics pass (``loss_and_gradient``: the loss's output cotangent joins the batched backward
+    pass, :func:`curvlab.capture.capture_with_gradient`): one forward and one backward pass per step;
+    ``fused_gradient=False`` restores the separate gradient pass (same numbers up to rounding).
     """
 
     def __init__(self, method: str, damping: float, damping_rule: str = "own", fisher: str | None = "type2",
                  mc_samples: int = 1, seed: int = 0, approx: str = "expand", unsupported: str = "error",
-                 ema_decay: float = 0.95, stats_period: int = 1, inverse_period: int = 10) -> None:
+                 ema_decay: float = 0.95, stats_period: int = 1, inverse_period: int = 10,
+                 fused_gradient: bool = True) -> None:
         super().__init__(damping)
         self.family = FAMILIES[method]
         self.method = method
@@ -90,14 +102,46 @@ class KroneckerPreconditioner(Preconditioner):
         self._matrix: Approximation | None = None
         self._col: Collection | None = None
         self.refreshes: list[int] = []
+        self.fused_gradient = fused_gradient
+        self._pending: tuple[Problem, int, Collection] | None = None
+        self._checked: tuple[Approximation, float, str] | None = None  # solved once with a checked solve
+        self._inverse: DampedInverse | None = None
 
     @staticmethod
     def _key(p: KronPiece) -> tuple[int, int]:
         return p.start, p.stop  # a piece's range in θ identifies it
 
-    def _collect(self, batch: Problem, step: int) -> Collection:
+    def _collect(self, batch: Problem, step: int, gradient: bool = False) -> Collection:
         seed = self.seed + step  # fresh labels for Monte-Carlo Fisher statistics at every step
-        return collect(batch, self.fisher, self.mc_samples, seed, self.approx, self.unsupported, method=self.method)
+        return collect(batch, self.fisher, self.mc_samples, seed, self.approx, self.unsupported, method=self.method,
+                       gradient=gradient)
+
+    def _refreshes(self, step: int) -> bool:
+        return self._matrix is None or step % self.inverse_period == 0
+
+    def _collects(self, step: int) -> bool:
+        return step % self.stats_period == 0 or self._refreshes(step)
+
+    def loss_and_gradient(self, batch: Problem, step: int = 0,
+                          curvature_batch: Problem | None = None) -> tuple[float, Tensor] | None:
+        """Loss and gradient from this step's statistics pass, kept for ``update`` (None on steps
+        without statistics, or when the curvature batch is not the step batch)."""
+        self._pending = None
+        same = curvature_batch is None or curvature_batch is batch
+        if not (self.fused_gradient and same and self._collects(step)):
+            return None
+        col = self._collect(batch, step, gradient=True)
+        self._pending = (batch, step, col)
+        if col.gradient is None:  # pragma: no cover - collect refuses uncovered parameters first
+            return None
+        return float(col.loss), col.gradient
+
+    def _statistics(self, batch: Problem, step: int) -> Collection:
+        """This step's collection: the one ``loss_and_gradient`` made for this batch, else a new one."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is batch and pending[1] == step:
+            return pending[2]
+        return self._collect(batch, step)
 
     def _accumulate(self, col: Collection) -> None:
         for plan in col.plans:
@@ -117,10 +161,10 @@ class KroneckerPreconditioner(Preconditioner):
                 s["S"] = p.eigen_second_moments(QA, QG)
 
     def update(self, batch: Problem, step: int) -> None:
-        refresh = self._matrix is None or step % self.inverse_period == 0
-        if step % self.stats_period != 0 and not refresh:
+        refresh = self._refreshes(step)
+        if not self._collects(step):
             return
-        col = self._collect(batch, step)
+        col = self._statistics(batch, step)
         self._accumulate(col)
         if refresh:
             if self.family.needs_basis:
@@ -138,7 +182,19 @@ class KroneckerPreconditioner(Preconditioner):
                          "stats_period": self.stats_period, "inverse_period": self.inverse_period})
 
     def direction(self, g: Tensor) -> Tensor:
-        return self._matrix.direction(g, self.damping, mode=self.damping_rule)
+        """−(C + λ)⁻¹g under the damping rule: the matrix's checked solve at the first step with a
+        matrix and damping, then its :class:`~curvlab.optim.inverse.DampedInverse` (same numbers up to
+        rounding: two small GEMMs per Kronecker block)."""
+        key = (self._matrix, self.damping, self.damping_rule)
+        inv = self._inverse
+        if inv is not None and inv.matches(*key):
+            return inv.direction(g)
+        if self._checked is not None and self._checked[0] is key[0] and self._checked[1:] == key[1:]:
+            self._inverse = DampedInverse(*key)
+            return self._inverse.direction(g)
+        d = self._matrix.direction(g, self.damping, mode=self.damping_rule)
+        self._checked, self._inverse = key, None
+        return d
 
     def curvature(self) -> Approximation | None:
         return self._matrix
@@ -221,16 +277,19 @@ class KBFGSPreconditioner(Preconditioner):
     moving average, H_a); the direction is −H_g D̄ H_a with D̄ the momentum-averaged gradient
     (momentum acts on the gradient, as in the authors' code); after the step a second pass on the
     same minibatch gives the pre-activation pairs (s, y) that update H_g (double damping) and the
-    Hessian-action update of H_a. The state is :class:`curvlab.approx.KBFGS`.
+    Hessian-action update of H_a. The state is :class:`curvlab.approx.KBFGS`. Both passes are plain
+    calls of the model (:func:`curvlab.optim.passes.layer_pass`); ``plain_passes=False`` takes them
+    through :func:`curvlab.approx.kbfgs.kbfgs_statistics` instead (same numbers up to rounding).
     """
 
     momentum_on = "gradient"
 
     def __init__(self, method: str, damping: float, history: int = 100, input_decay: float = 0.9,
-                 pair_decay: float | None = None, mu1: float = 0.2) -> None:
+                 pair_decay: float | None = None, mu1: float = 0.2, plain_passes: bool = True) -> None:
         super().__init__(damping)
         self.method, self.history, self.input_decay, self.pair_decay, self.mu1 = method, history, input_decay, \
             pair_decay, mu1
+        self.plain_passes = plain_passes
         self._state = None
         self._before = None
 
@@ -241,11 +300,19 @@ class KBFGSPreconditioner(Preconditioner):
             self._state = KBFGS(batch, damping=self.damping, method=self.method, history=self.history,
                                 input_decay=self.input_decay, pair_decay=self.pair_decay, mu1=self.mu1)
 
-    def loss_and_gradient(self, batch: Problem) -> tuple[float, Tensor]:
+    def _statistics(self, batch: Problem, theta: Tensor, input_factors: bool) -> Any:
+        """The batch statistics at θ (the model's parameters): from plain passes of the model
+        (:func:`curvlab.optim.passes.layer_pass`) unless ``plain_passes=False`` or they do not apply."""
         from curvlab.approx.kbfgs import kbfgs_statistics
+        from curvlab.optim.passes import layer_pass
 
+        stats = layer_pass(batch, theta, input_factors) if self.plain_passes else None
+        return stats if stats is not None else kbfgs_statistics(batch, theta, input_factors=input_factors)
+
+    def loss_and_gradient(self, batch: Problem, step: int = 0,
+                          curvature_batch: Problem | None = None) -> tuple[float, Tensor]:
         self._ensure(batch)
-        self._before = kbfgs_statistics(batch, batch.theta)
+        self._before = self._statistics(batch, batch.theta, True)
         return self._before.loss, self._before.gradient
 
     def update(self, batch: Problem, step: int) -> None:
@@ -256,9 +323,7 @@ class KBFGSPreconditioner(Preconditioner):
         return self._state.precondition(g)
 
     def after_step(self, batch: Problem, theta: Tensor) -> None:
-        from curvlab.approx.kbfgs import kbfgs_statistics
-
-        after = kbfgs_statistics(batch, theta, input_factors=False)
+        after = self._statistics(batch, theta, False)
         self._state.update_from_step(self._before, after)
 
     def curvature(self) -> CurvatureMatrix | None:

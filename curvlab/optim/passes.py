@@ -1,0 +1,82 @@
+"""K-BFGS's passes as plain calls of the model: one forward with hooks on its layers, one backward to
+the pre-activations.
+
+:func:`curvlab.approx.kbfgs.kbfgs_statistics` goes through :func:`curvlab.capture.capture`, which
+evaluates the model at a flat θ (``functional_call``) on a copied problem. Inside the optimizer the
+model's own parameters already hold θ, so :func:`layer_pass` calls the model itself: hooks registered
+on its ``nn.Linear`` / ``nn.Conv2d`` layers for the pass record each layer's input a and output z, and
+one backward pass of the user's loss L = R Σ_n ℓ_n differentiates only those z (no parameter
+gradients): g = ∇_z L. The statistics are then :func:`kbfgs_statistics`'s (the same per-layer
+formulas: ∇W = Σ g aᵀ, ∇b = Σ g, h̄, z̄, ḡ, A), equal up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.approx.kbfgs import KBFGSStatistics, _layer_statistics
+from curvlab.capture import LayerIO
+from curvlab.layers import RULES, structured_layers
+from curvlab.problem import Problem
+
+__all__ = ["layer_pass"]
+
+
+def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]
+                   ) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
+    """f = model(X) with each layer's (input, output) recorded; hooks exist only during the call."""
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            records[name].append((inputs[0].detach(), output))
+            return output.clone()  # in-place operations downstream must not touch the recorded z
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            f = model(X)
+    finally:
+        for h in handles:
+            h.remove()
+    return f, records
+
+
+def _layer_io(prob: Problem, name: str, module: nn.Module, a_in: Tensor, gz: Tensor) -> LayerIO:
+    rule = RULES[type(module)]
+    prefix = f"{name}." if name else ""
+    bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
+    return LayerIO(name, module, rule.kind, prefix + "weight", bias, prob.param_slices[prefix + "weight"].start,
+                   rule.inputs(module, a_in), rule.grads(gz[None], prob.num_samples))
+
+
+def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFGSStatistics | None:
+    """``kbfgs_statistics(prob, theta, input_factors)`` for a model whose parameters hold θ, from a plain
+    forward and a backward pass to the pre-activations (see the module docstring).
+
+    Returns None when the pass does not fit the layer structure (a layer not called exactly once on these
+    data, or parameters outside the layers): :func:`kbfgs_statistics` then applies, with its checks.
+    """
+    layers = structured_layers(prob)
+    f, records = _recorded_call(prob.model, prob.X, layers)
+    if any(len(r) != 1 for r in records.values()):
+        return None
+    loss = prob.likelihood.loss(f, prob.y)
+    zs = [records[name][0][1] for name in layers]
+    gzs = torch.autograd.grad(loss, zs, allow_unused=True)
+    grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
+    covered, stats = 0, {}
+    for (name, m), z, gz in zip(layers.items(), zs, gzs):
+        io = _layer_io(prob, name, m, records[name][0][0], torch.zeros_like(z) if gz is None else gz)
+        params = {io.weight: m.weight.detach(), **({io.bias: m.bias.detach()} if io.bias else {})}
+        st = _layer_statistics(io, params, 1.0, input_factors, grad)
+        stats[st.name] = st
+        covered += io.size
+    if covered != prob.num_params:
+        return None
+    return KBFGSStatistics(theta, float(loss.detach()), grad, prob.num_samples, stats)
