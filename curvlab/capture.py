@@ -68,26 +68,32 @@ class LayerIO:
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias (``bias`` names its parameter)."""
         return self.bias is not None
 
     @property
     def d_in(self) -> int:
+        """Input width d_in: the last dimension of ``a`` (convolution: the unfolded patch size)."""
         return self.a.shape[-1]
 
     @property
     def d_out(self) -> int:
+        """Output width d_out: the last dimension of ``g``."""
         return self.g.shape[-1]
 
     @property
     def positions(self) -> int:
+        """Number T of positions the layer is applied at per sample (1 without weight sharing)."""
         return self.a.shape[1]
 
     @property
     def size(self) -> int:
+        """Number of the layer's parameters in θ: d_out·d_in, plus d_out with a bias."""
         return self.d_out * self.d_in + (self.d_out if self.has_bias else 0)
 
     @property
     def stop(self) -> int:
+        """End of the layer's range in θ: ``start + size``."""
         return self.start + self.size
 
     @property
@@ -96,7 +102,7 @@ class LayerIO:
         return KronLayout.of_layer(self.d_out, self.d_in, self.has_bias)
 
     def jacobian_rows(self) -> Tensor:
-        """The explicit per-sample rows v_nk = Σ_t g_nkt ⊗ ā_nt restricted to this layer, shape (k, N, size).
+        """Return the explicit per-sample rows v_nk = Σ_t g_nkt ⊗ ā_nt restricted to this layer, shape (k, N, size).
 
         ā = [a, 1] (:meth:`KronLayout.augment`); the weight and bias parts are written straight into
         their ranges in parameter order (:meth:`KronLayout.parts`).
@@ -159,8 +165,9 @@ EF_PER = ("sample", "position")
 
 def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 0,
                       per: str = "sample") -> Callable[[Tensor], Tensor]:
-    """f ↦ the output cotangents u (k, N, *out) of a Fisher type, scaled so that
-    Σ_n Σ_k (J_nᵀu_nk)(J_nᵀu_nk)ᵀ is exactly the oracle's matrix:
+    """Return f ↦ the output cotangents u (k, N, *out) of a Fisher type.
+
+    They are scaled so that Σ_n Σ_k (J_nᵀu_nk)(J_nᵀu_nk)ᵀ is exactly the oracle's matrix:
 
     * ``"type2"``: √R × the columns of a symmetric factor of ∇²_f ℓ_n (k = outputs) → ``ggn``
     * ``"mc"``: √(R/S) × ∇_f ℓ_n(ŷ_s), S labels ŷ_s from the model (k = S) → ``fisher_mc``
@@ -231,7 +238,7 @@ class AutodiffPath:
                          for what, mod, msg in self.refused)
 
     def module(self) -> str:
-        """The module named by the first refusal that names one ("an operation of the model" if none)."""
+        """Return the module named by the first refusal that names one ("an operation of the model" if none)."""
         return next((f"module {m}" for _, m, _ in self.refused if m is not None), "an operation of the model")
 
 
@@ -241,8 +248,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _run_locating(model: nn.Module, fn: Callable[[], object]) -> tuple[str | None, str] | None:
-    """Run ``fn``; None if it succeeds, else (the innermost module whose forward was running
-    when torch raised one of :data:`_UNAVAILABLE`, or None; the error's first line)."""
+    """Run ``fn`` and locate where torch refused it.
+
+    Return None if it succeeds, else (the innermost module whose forward was running when torch
+    raised one of :data:`_UNAVAILABLE`, or None; the error's first line).
+    """
     stack: list[str] = []
 
     def pre(name: str) -> Callable:
@@ -265,8 +275,11 @@ def _run_locating(model: nn.Module, fn: Callable[[], object]) -> tuple[str | Non
 
 
 def _kernel_state() -> tuple[bool, ...]:
-    """The attention kernels torch may pick (``torch.nn.attention.sdpa_kernel`` changes them, and
-    only the math kernel has forward-mode and second derivatives): part of every verdict's key."""
+    """Return the attention kernels torch may pick: part of every verdict's key.
+
+    ``torch.nn.attention.sdpa_kernel`` changes them, and only the math kernel has forward-mode and
+    second derivatives.
+    """
     b = torch.backends.cuda
     return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled())
 
@@ -276,9 +289,12 @@ Trial = tuple[str, Callable[[], object]]
 
 
 def autodiff_path(prob: Problem, key: str, trials: Callable[[], list[Trial]]) -> AutodiffPath:
-    """The first of the trials (built by ``trials()`` on a cache miss only) whose run succeeds,
-    cached on ``prob.structure_cache`` under ``key`` and the enabled attention kernels (shared
-    with ``Problem.at`` / ``subset``: the same model)."""
+    """Return the first of the trials whose run succeeds (a cached verdict).
+
+    The trials are built by ``trials()`` on a cache miss only; the verdict is cached on
+    ``prob.structure_cache`` under ``key`` and the enabled attention kernels (shared with
+    ``Problem.at`` / ``subset``: the same model).
+    """
     key_ = (key, _kernel_state())
     cached = prob.structure_cache.get(key_)
     if cached is not None:
@@ -316,8 +332,11 @@ def _rows_vmapped(model: nn.Module, rest: dict, sub: dict, X: Tensor, U: Tensor)
 
 def _rows_looped(model: nn.Module, rest: dict, sub: dict, X: Tensor, U: Tensor,
                  batched: bool) -> dict[str, Tensor]:
-    """Reverse mode one sample at a time (one vjp per sample), vmapped over the cotangents when
-    ``batched``, else one pullback per cotangent: for modules vmap cannot batch over samples."""
+    """Compute the rows in reverse mode one sample at a time (one vjp per sample).
+
+    Vmapped over the cotangents when ``batched``, else one pullback per cotangent: for modules vmap
+    cannot batch over samples.
+    """
     per = []
     for i in range(X.shape[0]):
         _, pullback = vjp(_single_sample_fn(model, rest, X[i]), sub)
@@ -334,10 +353,13 @@ ROWS_PATHS = ("vmap", "per_sample", "loop")
 
 
 def rows_path(prob: Problem) -> AutodiffPath:
-    """How per-sample Jacobian rows are computed for this model: ``"vmap"`` (vmap over samples and
-    cotangents), ``"per_sample"`` (a loop over samples, vmap over cotangents: e.g. ``nn.LSTM`` /
-    ``nn.GRU``, whose forward writes into unbatched state under vmap) or ``"loop"`` (no vmap);
-    decided by trial runs on two samples, cached on the problem."""
+    """Return how per-sample Jacobian rows are computed for this model.
+
+    The path is ``"vmap"`` (vmap over samples and cotangents), ``"per_sample"`` (a loop over
+    samples, vmap over cotangents: e.g. ``nn.LSTM`` / ``nn.GRU``, whose forward writes into
+    unbatched state under vmap) or ``"loop"`` (no vmap); decided by trial runs on two samples,
+    cached on the problem.
+    """
     model = prob.model
 
     def trials() -> list[Trial]:
@@ -503,8 +525,11 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
 
 # ---------------------------------------------------------------------------------------- fused loss gradient
 def loss_cotangent(prob: Problem) -> Callable[[Tensor], Tensor]:
-    """f ↦ ∇_f L = R ∇_f ℓ_n, shape (N, *out): the output cotangent whose backpropagation is ∇L(θ)
-    (L = R Σ_n ℓ_n, the user's loss with its reduction; :mod:`curvlab.losses`)."""
+    """Return f ↦ ∇_f L = R ∇_f ℓ_n, shape (N, *out).
+
+    It is the output cotangent whose backpropagation is ∇L(θ) (L = R Σ_n ℓ_n, the user's loss with
+    its reduction; :mod:`curvlab.losses`).
+    """
     R, lik, y = prob.loss_scale, prob.likelihood, prob.y
     return lambda f: R * lik.grad_output(f, y)
 

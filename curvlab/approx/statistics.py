@@ -34,14 +34,14 @@ Basis = tuple[Eigh, Eigh]
 
 
 def kronecker_basis(A: Tensor, G: Tensor) -> Basis:
-    """The eigendecompositions (λ_A, Q_A), (λ_G, Q_G) of the factors."""
+    """Return the eigendecompositions (λ_A, Q_A), (λ_G, Q_G) of the factors."""
     eA, QA = torch.linalg.eigh(A)
     eG, QG = torch.linalg.eigh(G)
     return Eigh(eA, QA), Eigh(eG, QG)
 
 
 def _trace_factor(tr_F: Tensor | float, A: Tensor, G: Tensor) -> float:
-    """c = tr F / (tr A · tr G): the scalar that gives A ⊗ G the exact block's trace (1 if undefined)."""
+    """Return c = tr F / (tr A · tr G): the scalar that gives A ⊗ G the exact block's trace (1 if undefined)."""
     denom = float(A.diagonal().sum() * G.diagonal().sum())
     return float(tr_F) / denom if denom > 0 else 1.0
 
@@ -118,14 +118,14 @@ FAMILIES: dict[str, Family] = {
 
 
 def average(old: Stats | None, new: Stats, decay: float) -> Stats:
-    """The exponential moving average decay·old + (1 − decay)·new (``new`` when there is no ``old``)."""
+    """Return the exponential moving average decay·old + (1 − decay)·new (``new`` when there is no ``old``)."""
     if old is None:
         return dict(new)
     return {k: decay * old[k] + (1.0 - decay) * v for k, v in new.items()}
 
 
 def one_batch(name: str, approx: str) -> Callable[[KronPiece], tuple[CurvatureMatrix, dict]]:
-    """The block builder of method ``name`` on one batch: its statistics of the piece, then its block."""
+    """Return the block builder of method ``name`` on one batch: its statistics of the piece, then its block."""
     family = FAMILIES[name]
 
     def build(p: KronPiece) -> tuple[CurvatureMatrix, dict]:

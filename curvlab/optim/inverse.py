@@ -34,7 +34,7 @@ Apply = Callable[[Tensor, Tensor], None]
 
 
 def _folded(layout: KronLayout, v: Tensor) -> Tensor:
-    """The p×q folded matrix [W b] of a flat parameter-order vector."""
+    """Return the p×q folded matrix [W b] of a flat parameter-order vector."""
     p, q = layout.rows, layout.cols
     if not layout.bias:
         return v.view(p, q)
@@ -111,9 +111,11 @@ class DampedInverse:
         self._applies = _block_applies(C, damping, mode)
 
     def matches(self, C: CurvatureMatrix, damping: float, mode: str) -> bool:
+        """Return whether this inverse is the one for ``C`` (the same object), ``damping`` and ``mode``."""
         return C is self.matrix and damping == self.damping and mode == self.mode
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return −(C + λ)⁻¹ g: each block's prepared solve on its slice of ``g``, then the sign flipped."""
         out = torch.empty_like(g)
         for where, apply in self._applies:
             apply(g[where], out[where])

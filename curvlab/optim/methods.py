@@ -216,8 +216,11 @@ def _options(spec: TrainingMethod, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_layers(model: nn.Module, method: str) -> None:
-    """Layer-structured methods: every trainable parameter belongs to a supported layer (static part of
-    the check; tied or repeated layers are found by the survey at the first step, before any update)."""
+    """Check, for layer-structured methods, that every trainable parameter belongs to a supported layer.
+
+    This is the static part of the check; tied or repeated layers are found by the survey at the first
+    step, before any update.
+    """
     from curvlab.layers import RULES
 
     if not isinstance(model, nn.Module):
@@ -236,7 +239,7 @@ def _check_layers(model: nn.Module, method: str) -> None:
 
 
 def make(method: str, model: nn.Module, loss_fn: nn.Module, **options: Any) -> CurvatureOptimizer | TorchOptimizer:
-    """The optimizer for ``method`` (see :data:`METHODS` and the module docstring for the options).
+    """Return the optimizer for ``method`` (see :data:`METHODS` and the module docstring for the options).
 
     Every option is checked here, before any step; layers the method does not support raise at the
     first step, before any parameter changes.

@@ -83,7 +83,7 @@ class _BatchOptimizer(torch.optim.Optimizer):
         return X, y
 
     def theta(self) -> Tensor:
-        """The model's trainable parameters as one flat vector (parameter order)."""
+        """Return the model's trainable parameters as one flat vector (parameter order)."""
         return torch.cat([p.detach().reshape(-1) for g in self.param_groups for p in g["params"]])
 
     def _set_theta(self, theta: Tensor) -> None:
@@ -95,7 +95,7 @@ class _BatchOptimizer(torch.optim.Optimizer):
                     i += p.numel()
 
     def problem(self, X: Tensor, y: Tensor) -> Problem:
-        """The minibatch as a :class:`~curvlab.Problem` at the model's current parameters."""
+        """Return the minibatch as a :class:`~curvlab.Problem` at the model's current parameters."""
         if self._problem is None:
             self._problem = Problem(self.model, self.loss_fn, X, y, name=type(self.model).__name__)
             names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -141,6 +141,7 @@ class CurvatureOptimizer(_BatchOptimizer):
 
     @property
     def lr(self) -> float:
+        """The learning rate η (of the first parameter group)."""
         return self.param_groups[0]["lr"]
 
     def _curvature_batch(self, batch: Problem) -> Problem:
@@ -201,12 +202,15 @@ class CurvatureOptimizer(_BatchOptimizer):
         return loss
 
     def curvature(self) -> CurvatureMatrix | None:
-        """The CurvatureMatrix the method preconditions with now (None before the first step)."""
+        """Return the CurvatureMatrix the method preconditions with now (None before the first step)."""
         return self.preconditioner.curvature()
 
     def direction(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor | None:
-        """The update direction: of the last step (Δθ / lr), or, given a batch, the one the current
-        curvature would take for that batch's gradient (without momentum, clipping or state updates)."""
+        """Return the update direction of the last step (Δθ / lr), or the one for a given batch.
+
+        Given a batch (X, y), it is the direction the current curvature would take for that batch's
+        gradient (without momentum, clipping or state updates).
+        """
         if X is None:
             return self._last_direction
         if self.curvature() is None:
@@ -241,6 +245,7 @@ class TorchOptimizer(_BatchOptimizer):
 
     @property
     def lr(self) -> float:
+        """The learning rate (of the first parameter group, shared with torch's optimizer)."""
         return self.param_groups[0]["lr"]
 
     def step(self, X: Tensor | None = None, y: Tensor | None = None, closure: Callable | None = None) -> float:
@@ -261,6 +266,12 @@ class TorchOptimizer(_BatchOptimizer):
         return self.last_loss
 
     def curvature(self) -> CurvatureMatrix | None:
+        """Return the diagonal the method divides by: ones for SGD, √v̂ + ε for Adam, √v + ε for RMSprop.
+
+        v is the running average of squared gradients (RMSprop's ``square_avg``, Adam's ``exp_avg_sq``)
+        and v̂ = v / (1 − β₂ᵗ) Adam's bias-corrected one after t steps; None for Adam and RMSprop before
+        the first step (no state yet).
+        """
         theta = self.theta()
         if self.method == "sgd":
             return Diagonal(torch.ones_like(theta))
@@ -275,7 +286,7 @@ class TorchOptimizer(_BatchOptimizer):
         return Diagonal(sq.sqrt() + group["eps"])
 
     def direction(self, X: Tensor | None = None, y: Tensor | None = None) -> Tensor | None:
-        """The direction of the last step (Δθ / lr); for a batch: −g for SGD, −g/(√v̂ + ε) for Adam/RMSprop."""
+        """Return the direction of the last step (Δθ / lr); for a batch: −g for SGD, −g/(√v̂ + ε) for Adam/RMSprop."""
         if X is None:
             return self._last_direction
         g = self.problem(X, y).gradient()

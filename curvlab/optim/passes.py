@@ -1,5 +1,6 @@
-"""K-BFGS's passes as plain calls of the model: one forward with hooks on its layers, one backward to
-the pre-activations.
+"""K-BFGS's passes as plain calls of the model.
+
+One forward with hooks on its layers, one backward to the pre-activations.
 
 :func:`curvlab.approx.kbfgs.kbfgs_statistics` goes through :func:`curvlab.capture.capture`, which
 evaluates the model at a flat θ (``functional_call``) on a copied problem. Inside the optimizer the
@@ -27,7 +28,7 @@ __all__ = ["layer_pass"]
 
 def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]
                    ) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
-    """f = model(X) with each layer's (input, output) recorded; hooks exist only during the call."""
+    """Return f = model(X) with each layer's (input, output) recorded; hooks exist only during the call."""
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
 
     def make_hook(name: str) -> Callable:
@@ -56,8 +57,10 @@ def _layer_io(prob: Problem, name: str, module: nn.Module, a_in: Tensor, gz: Ten
 
 
 def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFGSStatistics | None:
-    """``kbfgs_statistics(prob, theta, input_factors)`` for a model whose parameters hold θ, from a plain
-    forward and a backward pass to the pre-activations (see the module docstring).
+    """Return ``kbfgs_statistics(prob, theta, input_factors)`` for a model whose parameters hold θ.
+
+    The statistics come from a plain forward and a backward pass to the pre-activations (see the
+    module docstring).
 
     Returns None when the pass does not fit the layer structure (a layer not called exactly once on these
     data, or parameters outside the layers): :func:`kbfgs_statistics` then applies, with its checks.

@@ -44,7 +44,7 @@ class Preconditioner:
 
     def loss_and_gradient(self, batch: Problem, step: int = 0,
                           curvature_batch: Problem | None = None) -> tuple[float, Tensor] | None:
-        """The batch loss and gradient when this method computes them anyway (else None).
+        """Return the batch loss and gradient when this method computes them anyway (else None).
 
         ``step`` and ``curvature_batch`` are those ``update`` is called with next (None: ``batch``).
         """
@@ -54,13 +54,15 @@ class Preconditioner:
         """Refresh statistics from the curvature batch at step ``step`` (0-based)."""
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return the update direction for the gradient ``g``: −g for the identity of the base class."""
         return -g
 
     def curvature(self) -> CurvatureMatrix | None:
+        """Return the CurvatureMatrix in use (None for the identity of the base class)."""
         return None
 
     def after_step(self, batch: Problem, theta: Tensor) -> None:
-        """Called with the same minibatch at the new θ after the step."""
+        """Take the method's pass after the step: called with the same minibatch at the new θ (no-op here)."""
 
     def state(self) -> dict[str, Any]:
         """Diagnostics of the method's state (counters, refresh steps …)."""
@@ -124,8 +126,10 @@ class KroneckerPreconditioner(Preconditioner):
 
     def loss_and_gradient(self, batch: Problem, step: int = 0,
                           curvature_batch: Problem | None = None) -> tuple[float, Tensor] | None:
-        """Loss and gradient from this step's statistics pass, kept for ``update`` (None on steps
-        without statistics, or when the curvature batch is not the step batch)."""
+        """Return the loss and gradient from this step's statistics pass, kept for ``update``.
+
+        None on steps without statistics, or when the curvature batch is not the step batch.
+        """
         self._pending = None
         same = curvature_batch is None or curvature_batch is batch
         if not (self.fused_gradient and same and self._collects(step)):
@@ -137,7 +141,7 @@ class KroneckerPreconditioner(Preconditioner):
         return float(col.loss), col.gradient
 
     def _statistics(self, batch: Problem, step: int) -> Collection:
-        """This step's collection: the one ``loss_and_gradient`` made for this batch, else a new one."""
+        """Return this step's collection: the one ``loss_and_gradient`` made for this batch, else a new one."""
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is batch and pending[1] == step:
             return pending[2]
@@ -161,6 +165,12 @@ class KroneckerPreconditioner(Preconditioner):
                 s["S"] = p.eigen_second_moments(QA, QG)
 
     def update(self, batch: Problem, step: int) -> None:
+        """Average the batch statistics into the moving averages; rebuild the matrix on refresh steps.
+
+        See :meth:`Preconditioner.update`. Statistics are collected every ``stats_period`` steps and on
+        every refresh step (the first step, then every ``inverse_period`` steps); a refresh of EKFAC or
+        TEKFAC first re-estimates the eigenbasis (:meth:`_rebasis`).
+        """
         refresh = self._refreshes(step)
         if not self._collects(step):
             return
@@ -182,9 +192,12 @@ class KroneckerPreconditioner(Preconditioner):
                          "stats_period": self.stats_period, "inverse_period": self.inverse_period})
 
     def direction(self, g: Tensor) -> Tensor:
-        """−(C + λ)⁻¹g under the damping rule: the matrix's checked solve at the first step with a
-        matrix and damping, then its :class:`~curvlab.optim.inverse.DampedInverse` (same numbers up to
-        rounding: two small GEMMs per Kronecker block)."""
+        """Return −(C + λ)⁻¹g under the damping rule.
+
+        The matrix's checked solve at the first step with a matrix and damping, then its
+        :class:`~curvlab.optim.inverse.DampedInverse` (same numbers up to rounding: two small GEMMs per
+        Kronecker block).
+        """
         key = (self._matrix, self.damping, self.damping_rule)
         inv = self._inverse
         if inv is not None and inv.matches(*key):
@@ -197,9 +210,11 @@ class KroneckerPreconditioner(Preconditioner):
         return d
 
     def curvature(self) -> Approximation | None:
+        """Return the approximation built at the last refresh (None before the first step)."""
         return self._matrix
 
     def state(self) -> dict[str, Any]:
+        """Return the diagnostics: the number of refreshes so far."""
         return {"refreshes": len(self.refreshes)}
 
 
@@ -227,8 +242,12 @@ class ExactPreconditioner(Preconditioner):
         self._matrix: CurvatureMatrix | None = None
 
     def _structure(self, batch: Problem) -> str:
-        """The low-rank form while its r = N·k rows are fewer than the parameters it covers, else dense:
-        with r ≥ P the Woodbury system is the larger one and the layer-structured dense build is cheaper."""
+        """Return the structure to build: the low-rank form while its rows are fewer, else dense.
+
+        The low-rank form is kept while its r = N·k rows are fewer than the parameters it covers, else
+        dense: with r ≥ P the Woodbury system is the larger one and the layer-structured dense build is
+        cheaper. Structures other than the low-rank ones are returned unchanged.
+        """
         if self.structure not in ("low_rank", "block_low_rank"):
             return self.structure
         k = {"type2": batch.num_outputs, "mc": self.mc_samples, "empirical": 1}[self.fisher]
@@ -249,13 +268,19 @@ class ExactPreconditioner(Preconditioner):
         return exact.empirical_fisher(batch, structure=structure)
 
     def update(self, batch: Problem, step: int) -> None:
+        """Rebuild the exact matrix at the first step and every ``inverse_period`` steps.
+
+        See :meth:`Preconditioner.update`.
+        """
         if self._matrix is None or step % self.inverse_period == 0:
             self._matrix = self._build(batch, step)
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return −(C + λI)⁻¹g, the exact matrix's damped direction."""
         return self._matrix.direction(g, self.damping)
 
     def curvature(self) -> CurvatureMatrix | None:
+        """Return the exact matrix in use (None before the first step)."""
         return self._matrix
 
 
@@ -301,8 +326,12 @@ class KBFGSPreconditioner(Preconditioner):
                                 input_decay=self.input_decay, pair_decay=self.pair_decay, mu1=self.mu1)
 
     def _statistics(self, batch: Problem, theta: Tensor, input_factors: bool) -> Any:
-        """The batch statistics at θ (the model's parameters): from plain passes of the model
-        (:func:`curvlab.optim.passes.layer_pass`) unless ``plain_passes=False`` or they do not apply."""
+        """Return the batch statistics at θ (the model's parameters).
+
+        They come from plain passes of the model (:func:`curvlab.optim.passes.layer_pass`) unless
+        ``plain_passes=False`` or they do not apply (then from
+        :func:`curvlab.approx.kbfgs.kbfgs_statistics`).
+        """
         from curvlab.approx.kbfgs import kbfgs_statistics
         from curvlab.optim.passes import layer_pass
 
@@ -311,36 +340,56 @@ class KBFGSPreconditioner(Preconditioner):
 
     def loss_and_gradient(self, batch: Problem, step: int = 0,
                           curvature_batch: Problem | None = None) -> tuple[float, Tensor]:
+        """Return the loss and gradient of the statistics pass before the step (never None).
+
+        See :meth:`Preconditioner.loss_and_gradient`. The pass's statistics (with the layers' input
+        factors) are kept for ``update`` and ``after_step``; the first call creates the K-BFGS state.
+        """
         self._ensure(batch)
         self._before = self._statistics(batch, batch.theta, True)
         return self._before.loss, self._before.gradient
 
     def update(self, batch: Problem, step: int) -> None:
+        """Update each layer's input factor A (its moving average, H_a) from the pre-step pass.
+
+        See :meth:`Preconditioner.update`; the statistics are those :meth:`loss_and_gradient` kept for
+        this step, and the state takes the current damping first.
+        """
         self._state.damping = self.damping
         self._state.observe_inputs(self._before)
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return −H_g D̄ H_a per layer, D̄ the (momentum-averaged) gradient ``g`` as a matrix."""
         return self._state.precondition(g)
 
     def after_step(self, batch: Problem, theta: Tensor) -> None:
+        """Take the second pass on the same minibatch at the new θ and update H_g and H_a.
+
+        See :meth:`Preconditioner.after_step`: the pairs (s, y) of the two passes update H_g (double
+        damping), then the Hessian-action update of H_a follows (:meth:`curvlab.approx.KBFGS.update_from_step`).
+        """
         after = self._statistics(batch, theta, False)
         self._state.update_from_step(self._before, after)
 
     def curvature(self) -> CurvatureMatrix | None:
+        """Return the K-BFGS state's curvature, Kron(H_a⁻¹, H_g⁻¹) per layer (None before the first step)."""
         return None if self._state is None else self._state.curvature()
 
     def state(self) -> dict[str, Any]:
+        """Return the diagnostics: the K-BFGS state's counters (empty before the first step)."""
         return {} if self._state is None else {"counters": self._state.counters}
 
 
 # ---------------------------------------------------------------------------------------------- two-level KFAC
 class TwoLevelPreconditioner(KroneckerPreconditioner):
-    """Two-level KFAC along a trajectory (Koroko et al. 2023, arXiv 2303.18083; the authors' code,
-    ``optimizers/twolevel_kfac.py``): the fine level is KFAC with running averages (λ on each factor by
-    default, as the authors'), the coarse basis Z is rebuilt at every step from the current gradient
-    (residual-based spaces need it) and the coarse matrix ZᵀFZ — exact, from the low-rank factor of the
-    curvature batch's Fisher — enters a moving average every ``stats_period`` steps with decay
-    ρ = min(1 − 1/k, ``ema_decay``) at the k-th update. Direction: −(M_λ⁻¹g + Z(F_c + λD)⁻¹Zᵀg).
+    """Two-level KFAC along a trajectory (Koroko et al. 2023, arXiv 2303.18083).
+
+    Details follow the authors' code, ``optimizers/twolevel_kfac.py``: the fine level is KFAC with
+    running averages (λ on each factor by default, as the authors'), the coarse basis Z is rebuilt at
+    every step from the current gradient (residual-based spaces need it) and the coarse matrix ZᵀFZ —
+    exact, from the low-rank factor of the curvature batch's Fisher — enters a moving average every
+    ``stats_period`` steps with decay ρ = min(1 − 1/k, ``ema_decay``) at the k-th update. Direction:
+    −(M_λ⁻¹g + Z(F_c + λD)⁻¹Zᵀg).
     """
 
     def __init__(self, coarse: str, damping: float, fine_rule: str = "koroko", **kron: Any) -> None:
@@ -353,10 +402,16 @@ class TwoLevelPreconditioner(KroneckerPreconditioner):
         self._last: Any = None
 
     def update(self, batch: Problem, step: int) -> None:
+        """See :meth:`KroneckerPreconditioner.update`; also keep the batch and step for the coarse level."""
         super().update(batch, step)
         self._batch, self._step = batch, step
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return −(M_λ⁻¹g + Z(F_c + λD)⁻¹Zᵀg), the coarse basis Z built from ``g``.
+
+        F_c is the moving average of ZᵀFZ, updated every ``stats_period`` steps with decay
+        ρ = min(1 − 1/k, ``ema_decay``) at the k-th update (restarted when its size changes).
+        """
         from curvlab.approx.two_level import two_level_kfac
 
         T = two_level_kfac(self._batch, self.coarse, self.fisher or "type2", self.mc_samples, self.seed + self._step,
@@ -372,22 +427,26 @@ class TwoLevelPreconditioner(KroneckerPreconditioner):
         return T.direction(g, self.damping)
 
     def curvature(self) -> CurvatureMatrix | None:
+        """Return the two-level matrix of the last direction (None before the first step)."""
         return self._last
 
     def state(self) -> dict[str, Any]:
+        """Return the Kronecker diagnostics plus the number of coarse-matrix updates."""
         return {**super().state(), "coarse_updates": self._coarse_updates}
 
 
 # ---------------------------------------------------------------------------------------------- GroupedNewton
 class GroupedNewtonPreconditioner(Preconditioner):
-    """GroupedNewton's practical optimiser "NewtonSummary" (Wolinski 2023–2025, arXiv 2312.03885; the
-    authors' ``grnewt``): the base direction u is SGD-momentum's buffer (momentum ``base_momentum``,
-    dampening ``base_dampening``: b ← μb + (1 − d)g); every ``period`` steps the order-2/3 summaries H̄,
-    ḡ, D of the curvature batch along u give per-subset step sizes η* (the anisotropic cubic model with
-    weight ``damping_int``, :func:`curvlab.approx.grouped_newton`), smoothed by an exponential average
-    (``lr_decay``, grnewt's ``mom_lrs``) and clipped at 0 (``remove_negative``); the direction is −η ⊙ u
-    per subset, which the optimizer scales by its lr (grnewt's λ₁, "damping"). A refresh whose solver
-    falls back (no root, no bracket …) counts in ``fallbacks`` and contributes η = 0, as in grnewt.
+    """GroupedNewton's practical optimiser "NewtonSummary" (Wolinski 2023–2025, arXiv 2312.03885).
+
+    Details follow the authors' ``grnewt``: the base direction u is SGD-momentum's buffer (momentum
+    ``base_momentum``, dampening ``base_dampening``: b ← μb + (1 − d)g); every ``period`` steps the
+    order-2/3 summaries H̄, ḡ, D of the curvature batch along u give per-subset step sizes η* (the
+    anisotropic cubic model with weight ``damping_int``, :func:`curvlab.approx.grouped_newton`),
+    smoothed by an exponential average (``lr_decay``, grnewt's ``mom_lrs``) and clipped at 0
+    (``remove_negative``); the direction is −η ⊙ u per subset, which the optimizer scales by its lr
+    (grnewt's λ₁, "damping"). A refresh whose solver falls back (no root, no bracket …) counts in
+    ``fallbacks`` and contributes η = 0, as in grnewt.
     """
 
     def __init__(self, partition: Any = "canonical", order: int = 3, damping_int: float = 1.0,
@@ -407,6 +466,7 @@ class GroupedNewtonPreconditioner(Preconditioner):
         self.statuses: list[str] = []
 
     def update(self, batch: Problem, step: int) -> None:
+        """Keep the curvature batch and step for ``direction``, which refreshes the step sizes (see the class)."""
         self._batch, self._step = batch, step
 
     def _refresh(self, u: Tensor) -> None:
@@ -433,6 +493,10 @@ class GroupedNewtonPreconditioner(Preconditioner):
             self._eta = torch.clamp(self._eta, min=0.0)
 
     def direction(self, g: Tensor) -> Tensor:
+        """Return −η ⊙ u per subset, u the base buffer b ← μb + (1 − d)g.
+
+        The step sizes η are refreshed from ``u`` on the first call and every ``period`` steps.
+        """
         mu, damp = self.base_momentum, self.base_dampening
         self._buffer = g.clone() if self._buffer is None else mu * self._buffer + (1 - damp) * g
         u = self._buffer
@@ -441,8 +505,11 @@ class GroupedNewtonPreconditioner(Preconditioner):
         return -self._eta[self._subset_of] * u
 
     def curvature(self) -> CurvatureMatrix | None:
-        """The diagonal metric whose inverse is the per-subset step, D = diag(1/η_s) on each subset's
-        coordinates (only where η_s > 0; None before the first refresh or when every η is 0)."""
+        """Return the diagonal metric whose inverse is the per-subset step.
+
+        D = diag(1/η_s) on each subset's coordinates, defined only while every η_s > 0: None before the
+        first refresh or when some η_s ≤ 0.
+        """
         from curvlab.linalg import Diagonal
 
         if self._eta is None or not bool((self._eta > 0).all()):
@@ -456,4 +523,5 @@ class GroupedNewtonPreconditioner(Preconditioner):
         return {"subset_lr": ("subset", self.subsets, self._eta.detach().cpu().numpy().copy())}
 
     def state(self) -> dict[str, Any]:
+        """Return the diagnostics: the solver fallbacks and the number of refreshes."""
         return {"fallbacks": self.fallbacks, "refreshes": len(self.statuses)}

@@ -35,7 +35,7 @@ __all__ = ["train", "batches"]
 
 
 def batches(num_samples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """The sample indices of each of ``steps`` minibatches (seeded epochs of permutations)."""
+    """Return the sample indices of each of ``steps`` minibatches (seeded epochs of permutations)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     batch_size = min(batch_size, num_samples)
