@@ -384,8 +384,9 @@ class KBFGSPreconditioner(Preconditioner):
 class TwoLevelPreconditioner(KroneckerPreconditioner):
     """Two-level KFAC along a trajectory (Koroko et al. 2023, arXiv 2303.18083).
 
-    Details follow the authors' code, ``optimizers/twolevel_kfac.py``: the fine level is KFAC with
-    running averages (λ on each factor by default, as the authors'), the coarse basis Z is rebuilt at
+    Details follow the authors' code (repository Abdoulaye-Koroko/natural-gradients, its two-level
+    KFAC optimizer): the fine level is KFAC with running averages (λ on each factor by default, as
+    the authors'), the coarse basis Z is rebuilt at
     every step from the current gradient (residual-based spaces need it) and the coarse matrix ZᵀFZ —
     exact, from the low-rank factor of the curvature batch's Fisher — enters a moving average every
     ``stats_period`` steps with decay ρ = min(1 − 1/k, ``ema_decay``) at the k-th update. Direction:
