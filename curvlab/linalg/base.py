@@ -252,11 +252,17 @@ class CurvatureMatrix:
         mode = self.resolve_mode(mode)
         return self.check_damping(damping, mode), mode
 
-    def singular_error(self, damping: Damping, smallest: float, mode: str = "exact") -> ValueError:
-        """Return the error for a (numerically) singular damped system."""
+    def singular_error(self, damping: Damping, smallest: float, mode: str = "exact",
+                       tolerance: float | None = None) -> ValueError:
+        """Return the error for a (numerically) singular damped system.
+
+        ``smallest`` is the smallest |damped eigenvalue| or pivot, ``tolerance`` the threshold
+        :func:`singular_tolerance` it fell below (both absolute).
+        """
+        below = "" if tolerance is None else f" ≤ {tolerance:.3e} = √n·ε·scale, the numerical-zero threshold"
         return ValueError(f"{type(self).__name__} + damping is singular or numerically singular (damping "
-                          f"{damping!r}, mode {mode!r}; smallest damped eigenvalue or pivot {smallest:.3e}, "
-                          "relative to the matrix's scale): increase the damping")
+                          f"{damping!r}, mode {mode!r}; smallest damped eigenvalue or pivot {smallest:.3e}"
+                          f"{below}): increase the damping")
 
     # ------------------------------------------------------------------ public protocol
     def __matmul__(self, v: Tensor) -> Tensor:

@@ -63,7 +63,7 @@ class Dense(CurvatureMatrix):
                 LU, piv, info = torch.linalg.lu_factor_ex(M)
                 smallest = float(LU.diagonal().abs().min())
                 if int(info) != 0 or smallest <= tol:
-                    raise self.singular_error(damping, smallest)
+                    raise self.singular_error(damping, smallest, tolerance=tol)
                 self._cache[key] = ("lu", LU, piv)
         return self._cache[key]
 
@@ -72,8 +72,9 @@ class Dense(CurvatureMatrix):
             w, Q = self._cache["eigh"]
             d = w + damping
             smallest = float(d.abs().min())
-            if smallest <= singular_tolerance(float(w.abs().max()) + damping, self.size, self.dtype):
-                raise self.singular_error(damping, smallest)
+            tol = singular_tolerance(float(w.abs().max()) + damping, self.size, self.dtype)
+            if smallest <= tol:
+                raise self.singular_error(damping, smallest, tolerance=tol)
             return Q @ ((Q.T @ V) / d[:, None])
         kind, F, piv = self._factor(damping)
         if kind == "cholesky":

@@ -209,8 +209,9 @@ class EigenKron(KroneckerFactored):
         if key in self._cache:
             return self._cache[key]
         d = self._denominators(damping, mode)
-        if bool((d.abs() <= singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype)).any()):
-            raise self.singular_error(damping, float(d.abs().min()), mode)
+        tol = singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype)
+        if bool((d.abs() <= tol).any()):
+            raise self.singular_error(damping, float(d.abs().min()), mode, tol)
         self._cache[key] = d
         return d
 

@@ -82,8 +82,9 @@ class Spectral(CurvatureMatrix):
         d = self.values + damping
         scale = float(self.values.abs().max()) + damping if self.size else 0.0
         smallest = float(d.abs().min()) if self.size else 1.0
-        if smallest <= singular_tolerance(scale, self.size, self.dtype):
-            raise self.singular_error(damping, smallest)
+        tol = singular_tolerance(scale, self.size, self.dtype)
+        if smallest <= tol:
+            raise self.singular_error(damping, smallest, tolerance=tol)
         return d
 
     def _solve(self, V: Tensor, damping: float) -> Tensor:

@@ -102,3 +102,18 @@ def test_an_indefinite_but_regular_system_still_solves():
     H = Dense(torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)))
     x = H.solve(torch.ones(3, dtype=torch.float64), 0.1)
     assert torch.allclose(x, 1 / torch.tensor([2.1, -0.9, 0.6], dtype=torch.float64))
+
+
+def test_the_singular_error_names_the_smallest_pivot_and_the_threshold():
+    """The refusal prints the absolute smallest damped eigenvalue and the √n·ε·scale threshold it fell below."""
+    import re
+
+    import curvlab as cl
+
+    U = torch.randn(3, 8, dtype=torch.float64)
+    C = cl.Dense(U.T @ U)  # rank 3 < 8
+    with pytest.raises(ValueError, match="numerically singular") as info:
+        C.solve(torch.ones(8, dtype=torch.float64), 0.0)
+    smallest, tol = map(float, re.search(r"pivot (\S+) ≤ (\S+) = √n·ε·scale", str(info.value)).groups())
+    scale = float(torch.linalg.eigvalsh(U.T @ U).abs().max())
+    assert smallest <= tol <= 10 * math.sqrt(8) * torch.finfo(torch.float64).eps * scale
