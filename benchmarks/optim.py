@@ -120,11 +120,11 @@ def variants(names: list[str]) -> list[Variant]:
 
 
 def period_of(method: str, options: dict[str, Any]) -> int:
-    """Steps in one refresh cycle: the largest ``*_period`` option (defaults included), else 1."""
+    """Steps in one refresh cycle: the largest ``period`` / ``*_period`` option (defaults included), else 1."""
     import curvlab as cl
 
     merged = {**cl.optim.METHODS[method].defaults, **options}
-    periods = [v for k, v in merged.items() if k.endswith("_period") and isinstance(v, int)]
+    periods = [v for k, v in merged.items() if (k == "period" or k.endswith("_period")) and isinstance(v, int)]
     return max(periods, default=1)
 
 
