@@ -29,7 +29,8 @@ independently (no batch statistics): :class:`~curvlab.Problem` rejects batch nor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ from curvlab.linalg.layout import KronLayout
 from curvlab.problem import Problem
 from curvlab.vocabulary import fisher_type
 
-__all__ = ["LayerIO", "Capture", "capture", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
+__all__ = ["LayerIO", "Capture", "capture", "recording", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
            "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient"]
 
@@ -412,31 +413,44 @@ def per_sample_jacobian_rows(prob: Problem, theta: Tensor, names: list[str], U: 
     return {n_: torch.cat([p[n_] for p in parts], dim=1) for n_ in names}
 
 
-def _recorded_forward(prob: Problem, theta: Tensor, layers: dict[str, nn.Module]
-                      ) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
-    """Forward pass at θ recording each structured layer's input and output z (on the graph)."""
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+Records = dict[str, list[tuple[Tensor, Tensor]]]
+
+
+@contextlib.contextmanager
+def recording(layers: dict[str, nn.Module]) -> Iterator[Records]:
+    """Record each layer's (detached input, output z) for every call inside the ``with`` block.
+
+    The output stays on the autograd graph (a backward pass can differentiate w.r.t. it); the
+    module returns a clone, so in-place operations downstream cannot modify the recorded z. The
+    hooks are removed when the block ends, also on an exception.
+    """
+    records: Records = {name: [] for name in layers}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             records[name].append((inputs[0].detach(), output))
-            return output.clone()  # in-place ops downstream must not touch the recorded z
+            return output.clone()
 
         return hook
 
     handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
     try:
-        with torch.enable_grad():
-            params = {k: v.detach() for k, v in prob.params(theta).items()}
-            # only the structured layers' weights require grad: that puts their outputs z on the
-            # autograd graph, and the backward pass below differentiates w.r.t. those z alone
-            for name in layers:
-                w = (name + "." if name else "") + "weight"
-                params[w] = params[w].requires_grad_(True)
-            f = functional_call(prob.model, params, (prob.X,))
+        yield records
     finally:
         for h in handles:
             h.remove()
+
+
+def _recorded_forward(prob: Problem, theta: Tensor, layers: dict[str, nn.Module]) -> tuple[Tensor, Records]:
+    """Run the forward pass at θ recording each structured layer's input and output z (on the graph)."""
+    with recording(layers) as records, torch.enable_grad():
+        params = {k: v.detach() for k, v in prob.params(theta).items()}
+        # only the structured layers' weights require grad: that puts their outputs z on the
+        # autograd graph, and the backward pass below differentiates w.r.t. those z alone
+        for name in layers:
+            w = (name + "." if name else "") + "weight"
+            params[w] = params[w].requires_grad_(True)
+        f = functional_call(prob.model, params, (prob.X,))
     return f, records
 
 

@@ -13,38 +13,21 @@ formulas: ∇W = Σ g aᵀ, ∇b = Σ g, h̄, z̄, ḡ, A), equal up to rounding
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from curvlab.approx.kbfgs import KBFGSStatistics, _layer_statistics
-from curvlab.capture import LayerIO
+from curvlab.capture import LayerIO, Records, recording
 from curvlab.layers import RULES, structured_layers
 from curvlab.problem import Problem
 
 __all__ = ["layer_pass"]
 
 
-def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]
-                   ) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
+def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]) -> tuple[Tensor, Records]:
     """Return f = model(X) with each layer's (input, output) recorded; hooks exist only during the call."""
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            records[name].append((inputs[0].detach(), output))
-            return output.clone()  # in-place operations downstream must not touch the recorded z
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
-    try:
-        with torch.enable_grad():
-            f = model(X)
-    finally:
-        for h in handles:
-            h.remove()
+    with recording(layers) as records, torch.enable_grad():
+        f = model(X)
     return f, records
 
 
