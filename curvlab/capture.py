@@ -45,7 +45,7 @@ from curvlab.vocabulary import fisher_type
 
 __all__ = ["LayerIO", "Capture", "capture", "recording", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
-           "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient"]
+           "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient", "capture_plain"]
 
 
 @dataclass
@@ -537,6 +537,26 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     return Capture(pieces, f.detach(), prob.X.shape[0])
 
 
+def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
+                  layers: dict[str, nn.Module] | None = None) -> Capture | None:
+    """:func:`capture` by a plain call of the model, whose own parameters must hold θ; layers only.
+
+    The forward pass is ``prob.model(prob.X)`` with the layers' inputs and outputs recorded
+    (:func:`recording`; no ``functional_call``), then the same batched backward pass to those outputs
+    and the same pieces as :func:`capture` with ``generic=False``. Returns None when that does not
+    apply (a layer not called exactly once on these data, or an output off the autograd graph, e.g.
+    a frozen layer on inputs without gradients): then use :func:`capture`.
+    """
+    layers = supported_layers(prob) if layers is None else layers
+    with recording(layers) as records, torch.enable_grad():
+        f = prob.model(prob.X)
+    if any(len(rec) != 1 or not rec[0][1].requires_grad for rec in records.values()):
+        return None
+    U = cotangents(f.detach())
+    pieces = sorted(_layer_pieces(prob, layers, records, f, U), key=lambda p: p.start)
+    return Capture(pieces, f.detach(), prob.X.shape[0])
+
+
 # ---------------------------------------------------------------------------------------- fused loss gradient
 def loss_cotangent(prob: Problem) -> Callable[[Tensor], Tensor]:
     """Return f ↦ ∇_f L = R ∇_f ℓ_n, shape (N, *out).
@@ -575,7 +595,7 @@ def _drop_last(piece: LayerIO | GenericRows) -> None:
 
 def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor | None = None,
                           layers: dict[str, nn.Module] | None = None, generic: bool = True,
-                          loss_row: float | None = None) -> tuple[Capture, Tensor, Tensor | None]:
+                          loss_row: float | None = None, plain: bool = False) -> tuple[Capture, Tensor, Tensor | None]:
     """:func:`capture` plus the batch loss L(θ) and its gradient ∇L(θ) from the same two passes.
 
     The loss's output cotangent ∇_f L (:func:`loss_cotangent`) is appended to ``cotangents(f)``, so the
@@ -585,7 +605,8 @@ def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor],
     ``loss_row`` × the first cotangent (the empirical Fisher's √R ∇_f ℓ_n: ``loss_row`` = √R) nothing
     is appended and the gradient is ``loss_row`` × that cotangent's. Returns (capture, loss as a 0-d
     tensor, flat gradient (P,)); the gradient is None when the pieces do not cover θ (``generic=False``
-    with parameters outside structured layers).
+    with parameters outside structured layers). ``plain=True``: the passes are :func:`capture_plain`'s
+    (a plain call of the model, whose parameters must hold θ) where it applies (``generic=False``).
     """
     grad_output = loss_cotangent(prob)
 
@@ -594,7 +615,9 @@ def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor],
         return torch.cat([U, grad_output(f)[None].to(U.dtype)])
 
     theta = prob.theta if theta is None else theta
-    cap = capture(prob, cotangents if loss_row is not None else fused, theta, layers, generic)
+    cot = cotangents if loss_row is not None else fused
+    cap = capture_plain(prob, cot, layers) if plain and not generic else None
+    cap = capture(prob, cot, theta, layers, generic) if cap is None else cap
     grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
     for piece in cap.pieces:
         _take_gradient(piece, grad, 0 if loss_row is not None else -1, 1.0 if loss_row is None else loss_row)

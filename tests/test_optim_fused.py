@@ -302,3 +302,68 @@ def test_kbfgs_plain_passes_take_the_same_steps(method, name):
 
     for a, b in zip(trajectory(True), trajectory(False)):
         assert rel(a, b) < EXACT
+
+
+# -- the KFAC family's statistics pass as a plain call of the model --------------------------------------
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn", "digits-autoencoder", "tied-modules"])
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_plain_capture_is_capture(name, fisher):
+    """capture_with_gradient(plain=True): the same pieces, loss and gradient as through functional_call."""
+    from curvlab.capture import capture_plain, supported_layers
+
+    prob = PROBLEMS[name]()
+    cot = output_cotangents(prob, fisher, 1, 0)
+    layers = supported_layers(prob)
+    row = prob.loss_scale**0.5 if fisher == "empirical" else None
+    assert capture_plain(prob, cot, layers) is not None
+    ref, loss_r, grad_r = capture_with_gradient(prob, cot, layers=layers, generic=False, loss_row=row)
+    cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=False, loss_row=row, plain=True)
+    assert (grad is None) == (grad_r is None)
+    if grad is not None:
+        assert rel(grad, grad_r) < EXACT
+    assert abs(float(loss) - float(loss_r)) <= EXACT * abs(float(loss_r))
+    assert [p.start for p in cap.pieces] == [p.start for p in ref.pieces]
+    for p, q in zip(cap.pieces, ref.pieces):
+        assert rel(p.a, q.a) < EXACT and rel(p.g, q.g) < EXACT
+
+
+def test_plain_capture_declines_a_layer_applied_twice():
+    from curvlab.capture import capture_plain
+
+    prob = _custom(SometimesTwice(), 5, 4, nn.MSELoss())
+    cot = output_cotangents(prob, "type2", 1, 0)
+    assert capture_plain(prob, cot) is not None  # surveyed (and cached) with one call per layer
+    prob.model.twice = True
+    assert capture_plain(prob, cot) is None
+
+
+@pytest.mark.parametrize("method", KRON)
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+def test_plain_statistics_pass_takes_the_same_steps(method, name, monkeypatch):
+    """KFAC family: trajectories with the plain statistics pass equal those through functional_call (float64)."""
+    import curvlab.capture as capture_module
+
+    taken, plain_capture = [0], capture_module.capture_plain
+
+    def counted(*args, **kwargs):
+        out = plain_capture(*args, **kwargs)
+        taken[0] += out is not None
+        return out
+
+    monkeypatch.setattr(capture_module, "capture_plain", counted)
+
+    def trajectory(plain: bool) -> tuple[list[torch.Tensor], list[float]]:
+        prob = PROBLEMS[name]()
+        opt = optim.make(method, PROBLEMS[name]().model, prob.loss_fn, inverse_period=2, lr=0.05)
+        opt.preconditioner.plain_passes = plain
+        thetas, losses = [], []
+        for ix in optim.batches(prob.num_samples, prob.num_samples // 2, 5, seed=0):
+            losses.append(opt.step(prob.X[ix], prob.y[ix]))
+            thetas.append(opt.theta())
+        return thetas, losses
+
+    (plain, loss_p), (ref, loss_r) = trajectory(True), trajectory(False)
+    assert plain[0].dtype == torch.float64 and taken[0] >= 5  # every step's statistics pass was a plain call
+    for a, b in zip(plain, ref):
+        assert rel(a, b) < EXACT
+    assert loss_p == pytest.approx(loss_r, rel=EXACT)

@@ -279,14 +279,15 @@ def check_options(fisher: str | None, mc_samples: int, seed: int, approx: str, u
 
 def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 0, approx: str = "expand",
             unsupported: str = "error", method: str = "kfac", exact_option: bool = True,
-            gradient: bool = False) -> Collection:
+            gradient: bool = False, plain: bool = False) -> Collection:
     """One forward and one batched backward pass; a Kronecker plan for every partition block.
 
     ``fisher=None`` collects the layer inputs only (no backward pass: forward-only methods).
     ``exact_option=False``: the method has no ``unsupported="exact"`` fallback, so the error for
     unsupported parameters does not suggest it (always so for ``fisher=None``).
     ``gradient=True``: the same passes also give the batch loss and gradient (``Collection.loss``,
-    ``Collection.gradient``; :func:`curvlab.capture.capture_with_gradient`).
+    ``Collection.gradient``; :func:`curvlab.capture.capture_with_gradient`); with ``plain=True`` as well,
+    by a plain call of the model, whose parameters must then hold ``prob.theta`` (the optimizer's case).
     """
     if not isinstance(prob, Problem):
         raise TypeError(f"expected a curvlab.Problem; got {type(prob).__name__}")
@@ -315,7 +316,8 @@ def collect(prob: Problem, fisher: str | None, mc_samples: int = 1, seed: int = 
     loss = grad = None
     if gradient:
         row = prob.loss_scale**0.5 if fisher == "empirical" else None  # its cotangent is √R ∇_f ℓ_n = ∇_f L / √R
-        cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=generic, loss_row=row)
+        cap, loss, grad = capture_with_gradient(prob, cot, layers=layers, generic=generic, loss_row=row,
+                                                plain=plain)
     else:
         cap = capture(prob, cot, layers=layers, generic=generic)
     ios = [p for p in cap.pieces if isinstance(p, LayerIO)]

@@ -61,11 +61,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from curvlab import memory
 from curvlab.approx.base import Approximation
-from curvlab.approx.factors import KronPiece, collect
+from curvlab.approx.factors import collect
 from curvlab.capture import LayerIO
 from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
@@ -193,6 +194,61 @@ def bfgs_skip_reason(s: Tensor, y: Tensor, v: Tensor, threshold: float = 1e-4) -
     return None
 
 
+def _gram(*vectors: Tensor) -> list[list[float]]:
+    """All dot products of the vectors, from one small product and one transfer to the host."""
+    V = torch.stack(vectors)
+    return (V @ V.T).tolist()
+
+
+def _skip_reason_from(ss: float, sy: float, vv: float, threshold: float) -> str | None:
+    """:func:`bfgs_skip_reason` from the pair's dot products sᵀs, sᵀy and vᵀv.
+
+    A NaN or infinity in s or y makes sᵀs or sᵀy non-finite; so does an overflow of the products of
+    finite vectors, which :func:`bfgs_skip_reason` calls "nonpositive" or "small" (skipped either way).
+    """
+    if not (math.isfinite(ss) and math.isfinite(sy)):
+        return "nonfinite"
+    if not sy > 0:
+        return "nonpositive"
+    if sy <= threshold * ss * math.sqrt(vv):
+        return "small"
+    return None
+
+
+def _bfgs_update_from(H: Tensor, s: Tensor, Hy: Tensor, sy: float, yHy: float) -> Tensor:
+    """:func:`bfgs_inverse_update` given Hy, sᵀy > 0 and yᵀHy (no checks, no host transfer)."""
+    rho = 1.0 / sy
+    M = torch.outer(Hy, s)
+    out = H + (rho + rho * rho * yHy) * torch.outer(s, s) - rho * (M + M.T)
+    return (out + out.T) / 2
+
+
+def _double_damping_from(s: Tensor, y: Tensor, Hy: Tensor, gram: list[list[float]], mu1: float,
+                         mu2: float) -> tuple[DampedPair, float, float | None]:
+    """:func:`double_damping` with the decisions taken on host floats; also the final sᵀs and sᵀy.
+
+    ``gram`` holds the dot products of (s, y, Hy) in that order (:func:`_gram`). After Powell's stage
+    sᵀs and sᵀy are taken afresh from the new s; after the LM stage sᵀy is returned as ``None`` (the
+    caller computes it with what else it needs of the new y).
+    """
+    ss, sy, yHy = gram[0][0], gram[0][1], gram[1][2]
+    powell = yHy > 0 and sy < mu1 * yHy
+    if powell:
+        theta = (1 - mu1) * yHy / (yHy - sy)
+        s = theta * s + (1 - theta) * Hy
+        ss, sy = torch.mv(torch.stack([s, y]), s).tolist()
+    lm = sy < mu2 * ss
+    if not lm:
+        return DampedPair(s, y, powell, lm), ss, sy
+    gap = ss - sy
+    if gap == 0:
+        y = y + (mu2 - 1) * s
+    else:
+        theta = (1 - mu2) * ss / gap
+        y = theta * y + (1 - theta) * s
+    return DampedPair(s, y, powell, lm), ss, None
+
+
 # ---------------------------------------------------------------------------------------------
 # L-BFGS memory
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +272,7 @@ class LBFGSMemory:
         self.dtype, self.device = dtype, torch.device(device)
         self._s: list[Tensor] = []
         self._y: list[Tensor] = []
-        self._rho: list[Tensor] = []
+        self._rho: list[float] = []
 
     def __len__(self) -> int:
         return len(self._s)
@@ -226,17 +282,25 @@ class LBFGSMemory:
         """The kept pairs, oldest first."""
         return list(zip(self._s, self._y))
 
-    def push(self, s: Tensor, y: Tensor) -> None:
-        """Append a pair (needs sᵀy > 0); drop the oldest one when the memory is full."""
+    def push(self, s: Tensor, y: Tensor, sy: float | None = None) -> None:
+        """Append a pair (needs sᵀy > 0); drop the oldest one when the memory is full.
+
+        Parameters
+        ----------
+        s, y:
+            the pair, vectors of length ``dim``.
+        sy:
+            sᵀy when the caller has it already (saves a product and a transfer); computed otherwise.
+        """
         _check_pair(s, y, self.dim)
-        sy = torch.dot(s, y)
-        if not bool(sy > 0) or not bool(torch.isfinite(sy)):
-            raise ValueError(f"an L-BFGS pair needs a finite sᵀy > 0; got sᵀy = {float(sy):.3e}")
+        sy = float(torch.dot(s, y)) if sy is None else float(sy)
+        if not (math.isfinite(sy) and sy > 0):
+            raise ValueError(f"an L-BFGS pair needs a finite sᵀy > 0; got sᵀy = {sy:.3e}")
         if len(self._s) == self.history:
             del self._s[0], self._y[0], self._rho[0]
         self._s.append(s.detach().to(self.dtype).clone())
         self._y.append(y.detach().to(self.dtype).clone())
-        self._rho.append(1.0 / sy.to(self.dtype))
+        self._rho.append(1.0 / sy)
 
     def apply(self, v: Tensor) -> Tensor:
         """Hv for a vector (d,) or H V for a matrix of columns (d, m), by the two-loop recursion."""
@@ -378,9 +442,11 @@ class KBFGSLayerState:
             raise ValueError(f"layer {self.name!r}: h̄ must have shape ({self.d_in},); got {tuple(h_bar.shape)}")
         s = self.H_a @ h_bar
         y = self.A_LM @ s
+        Hy = self.H_a @ y
+        gram = _gram(s, y, h_bar, Hy)  # one transfer for the skip rule and the update
         self.counters.input_updates += 1
-        if bfgs_skip_reason(s, y, h_bar, threshold) is None:
-            H = bfgs_inverse_update(self.H_a, s, y)
+        if _skip_reason_from(gram[0][0], gram[0][1], gram[2][2], threshold) is None:
+            H = _bfgs_update_from(self.H_a, s, Hy, gram[0][1], gram[1][3])
             if bool(torch.isfinite(H).all()):
                 self.H_a = H
                 return True
@@ -411,17 +477,25 @@ class KBFGSLayerState:
         _check_pair(s, y, self.d_out)
         self.counters.pairs += 1
         if decay > 0:
-            self.s_avg = decay * self.s_avg + (1 - decay) * s
-            self.y_avg = decay * self.y_avg + (1 - decay) * y
+            self.s_avg = torch.lerp(self.s_avg, s, 1 - decay)  # decay · s_avg + (1 − decay) · s
+            self.y_avg = torch.lerp(self.y_avg, y, 1 - decay)
             s, y = self.s_avg, self.y_avg
-        pair = double_damping(s, y, self.apply_output_inverse(y), mu2=mu2, mu1=mu1)
+        Hy = self.apply_output_inverse(y)
+        gram = _gram(s, y, Hy, v)  # one transfer for both damping stages and the skip rule
+        pair, ss, sy = _double_damping_from(s, y, Hy, gram, mu1, mu2)
         self.counters.powell += pair.powell
         self.counters.lm += pair.lm
-        pair.skipped = bfgs_skip_reason(pair.s, pair.y, v, threshold)
+        yHy = gram[1][2]
+        if sy is None and self.lbfgs is None:  # the LM stage changed y
+            Hy = self.H_g @ pair.y
+            sy, yHy = torch.mv(torch.stack([pair.s, Hy]), pair.y).tolist()
+        elif sy is None:
+            sy = float(torch.dot(pair.s, pair.y))
+        pair.skipped = _skip_reason_from(ss, sy, gram[3][3], threshold)
         if pair.skipped is None and self.lbfgs is not None:
-            self.lbfgs.push(pair.s, pair.y)
+            self.lbfgs.push(pair.s, pair.y, sy)
         elif pair.skipped is None:
-            H = bfgs_inverse_update(self.H_g, pair.s, pair.y)
+            H = _bfgs_update_from(self.H_g, pair.s, Hy, sy, yHy)
             if bool(torch.isfinite(H).all()):
                 self.H_g = H
             else:
@@ -489,21 +563,32 @@ def _layer_name(io: LayerIO) -> str:
 
 def _layer_statistics(io: LayerIO, params: dict[str, Tensor], sqrt_R: float, input_factor: bool,
                       grad: Tensor) -> LayerStatistics:
-    g = io.g[0] * sqrt_R  # (N, T, d_out): ∇_z L, since the cotangents are √R ∇_f ℓ_n
-    a = io.a
-    a_mean = a.mean(dim=(0, 1))
-    W = params[io.weight].reshape(io.d_out, io.d_in)
-    z_mean = W @ a_mean
-    g_sum = g.sum(dim=(0, 1))
-    w_stop = io.start + io.d_out * io.d_in
-    grad[io.start:w_stop] = torch.einsum("ntp,ntq->pq", g, a).reshape(-1)
-    h_bar = a_mean
+    """One layer's statistics; writes its gradient ∇W = Σ g aᵀ, ∇b = Σ g into ``grad``.
+
+    Positions count as samples (the rows of a and g); A is KFAC's expand input factor
+    (:meth:`curvlab.approx.factors.KronPiece.input_factor`), formed here from the same rows.
+    """
+    n, t, d_in = io.a.shape
+    d_out = io.d_out
+    a = io.a.reshape(n * t, d_in)
+    g = io.g[0].reshape(n * t, d_out)
+    if sqrt_R != 1.0:
+        g = g * sqrt_R  # ∇_z L, since the cotangents are √R ∇_f ℓ_n
+    w_stop = io.start + d_out * d_in
+    torch.mm(g.T, a, out=grad[io.start:w_stop].view(d_out, d_in))
+    g_sum = g.sum(dim=0)
+    W = params[io.weight].reshape(d_out, d_in)
+    A = None
     if io.has_bias:
-        z_mean = z_mean + params[io.bias]
         grad[w_stop:io.stop] = g_sum
-        h_bar = torch.cat([a_mean, a_mean.new_ones(1)])
-    A = KronPiece(_layer_name(io), io, True, io.has_bias, io.start, io.stop).input_factor("expand") \
-        if input_factor else None
+        a = F.pad(a, (0, 1), value=1.0)  # h̄ = [a 1]
+        h_bar = a.mean(dim=0)
+        z_mean = torch.addmv(params[io.bias], W, h_bar[:-1])
+    else:
+        h_bar = a.mean(dim=0)
+        z_mean = W @ h_bar
+    if input_factor:
+        A = torch.mm(a.T, a).div_(n * t)
     return LayerStatistics(_layer_name(io), h_bar, A, z_mean, g_sum)
 
 

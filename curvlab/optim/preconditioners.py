@@ -85,13 +85,16 @@ class KroneckerPreconditioner(Preconditioner):
     On the steps that collect statistics from the step batch itself the loss and gradient come from
     the statistics pass (``loss_and_gradient``: the loss's output cotangent joins the batched backward
     pass, :func:`curvlab.capture.capture_with_gradient`): one forward and one backward pass per step;
-    ``fused_gradient=False`` restores the separate gradient pass (same numbers up to rounding).
+    ``fused_gradient=False`` restores the separate gradient pass (same numbers up to rounding). That
+    fused pass is a plain call of the model (its parameters hold θ in the optimizer; hooks on the layers,
+    :func:`curvlab.capture.capture_plain`) where every structured layer is called once and no exact
+    block is asked for; ``plain_passes=False`` takes it through ``functional_call`` at θ instead.
     """
 
     def __init__(self, method: str, damping: float, damping_rule: str = "own", fisher: str | None = "type2",
                  mc_samples: int = 1, seed: int = 0, approx: str = "expand", unsupported: str = "error",
                  ema_decay: float = 0.95, stats_period: int = 1, inverse_period: int = 10,
-                 fused_gradient: bool = True) -> None:
+                 fused_gradient: bool = True, plain_passes: bool = True) -> None:
         super().__init__(damping)
         self.family = FAMILIES[method]
         self.method = method
@@ -105,6 +108,7 @@ class KroneckerPreconditioner(Preconditioner):
         self._col: Collection | None = None
         self.refreshes: list[int] = []
         self.fused_gradient = fused_gradient
+        self.plain_passes = plain_passes
         self._pending: tuple[Problem, int, Collection] | None = None
         self._checked: tuple[Approximation, float, str] | None = None  # solved once with a checked solve
         self._inverse: DampedInverse | None = None
@@ -116,7 +120,7 @@ class KroneckerPreconditioner(Preconditioner):
     def _collect(self, batch: Problem, step: int, gradient: bool = False) -> Collection:
         seed = self.seed + step  # fresh labels for Monte-Carlo Fisher statistics at every step
         return collect(batch, self.fisher, self.mc_samples, seed, self.approx, self.unsupported, method=self.method,
-                       gradient=gradient)
+                       gradient=gradient, plain=gradient and self.plain_passes)
 
     def _refreshes(self, step: int) -> bool:
         return self._matrix is None or step % self.inverse_period == 0

@@ -323,3 +323,39 @@ def test_conv_problem_takes_steps():
     C = state.curvature()
     g = prob.gradient(theta)
     assert rel(C.direction(g, 0.0), state.precondition(g)) < 1e-9
+
+
+# -- the layer updates against the public functions --------------------------------------------------
+@pytest.mark.parametrize("history", [None, 3])
+def test_layer_updates_match_the_public_functions(history):
+    """update_outputs / update_inputs (decisions on host floats) equal the composition of the public steps."""
+    d, d_in, mu1, mu2, thr = 5, 4, 0.2, math.sqrt(0.3), 1e-4
+    layer = KBFGSLayerState("l", "l.weight", None, 0, d * d_in, d_in, d, history=history)
+    layer.observe(_spd(d_in, 3), 0.9, 0.3)
+    H_g, H_a = torch.eye(d, dtype=D64), layer.H_a.clone()
+    B, g = _spd(d, 9, cond=100.0), _gen(13)
+    reasons = set()
+    for k in range(40):
+        s = torch.randn(d, generator=g, dtype=D64)
+        y = B @ s if k % 3 else -B @ s + torch.randn(d, generator=g, dtype=D64)
+        v = torch.randn(d, generator=g, dtype=D64) * (1e5 if k % 7 == 0 else 1.0)  # every 7th: "small"
+        if k == 11:
+            y = y.clone()
+            y[0] = math.nan
+        Hy = layer.apply_output_inverse(y) if history else H_g @ y
+        ref = cl.approx.double_damping(s, y, Hy, mu2=mu2, mu1=mu1)
+        ref.skipped = cl.approx.bfgs_skip_reason(ref.s, ref.y, v, thr)
+        pair = layer.update_outputs(s, y, v, mu2=mu2, mu1=mu1, threshold=thr)
+        assert (pair.powell, pair.lm, pair.skipped) == (ref.powell, ref.lm, ref.skipped)
+        reasons.add(pair.skipped)
+        if ref.skipped is None:
+            assert rel(pair.s, ref.s) < 1e-12 and rel(pair.y, ref.y) < 1e-12
+            if history is None:
+                H_g = cl.approx.bfgs_inverse_update(H_g, ref.s, ref.y)
+                assert rel(layer.H_g, H_g) < 1e-12 and torch.equal(layer.H_g, layer.H_g.T)
+        h = torch.randn(d_in, generator=g, dtype=D64)
+        s_a = H_a @ h
+        H_a = cl.approx.bfgs_inverse_update(H_a, s_a, layer.A_LM @ s_a)
+        assert layer.update_inputs(h, thr)
+        assert rel(layer.H_a, H_a) < 1e-12
+    assert {None, "small", "nonfinite"} <= reasons
