@@ -537,6 +537,15 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     return Capture(pieces, f.detach(), prob.X.shape[0])
 
 
+def _model_holds_theta(prob: Problem) -> bool:
+    """Whether the model's own trainable parameters equal ``prob.theta`` (one concatenation, no copy of θ)."""
+    params = [p for _, p in prob.model.named_parameters() if p.requires_grad]
+    if sum(p.numel() for p in params) != prob.theta.numel():
+        return False
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return flat.dtype == prob.theta.dtype and flat.device == prob.theta.device and bool(torch.equal(flat, prob.theta))
+
+
 def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
                   layers: dict[str, nn.Module] | None = None) -> Capture | None:
     """:func:`capture` by a plain call of the model, whose own parameters must hold θ; layers only.
@@ -544,10 +553,13 @@ def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
     The forward pass is ``prob.model(prob.X)`` with the layers' inputs and outputs recorded
     (:func:`recording`; no ``functional_call``), then the same batched backward pass to those outputs
     and the same pieces as :func:`capture` with ``generic=False``. Returns None when that does not
-    apply (a layer not called exactly once on these data, or an output off the autograd graph, e.g.
-    a frozen layer on inputs without gradients): then use :func:`capture`.
+    apply (a layer not called exactly once on these data, an output off the autograd graph, e.g. a
+    frozen layer on inputs without gradients, or model parameters that do not hold ``prob.theta`` —
+    checked by one concatenation and comparison): then use :func:`capture`.
     """
     layers = supported_layers(prob) if layers is None else layers
+    if not _model_holds_theta(prob):
+        return None
     with recording(layers) as records, torch.enable_grad():
         f = prob.model(prob.X)
     if any(len(rec) != 1 or not rec[0][1].requires_grad for rec in records.values()):

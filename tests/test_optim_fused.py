@@ -367,3 +367,14 @@ def test_plain_statistics_pass_takes_the_same_steps(method, name, monkeypatch):
     for a, b in zip(plain, ref):
         assert rel(a, b) < EXACT
     assert loss_p == pytest.approx(loss_r, rel=EXACT)
+
+
+def test_plain_capture_refuses_a_model_that_does_not_hold_theta():
+    """capture_plain's precondition (the model's parameters are θ) is checked, not assumed."""
+    from curvlab.capture import capture_plain, output_cotangents
+
+    prob = cl.problems.load("digits-mlp", n=32)
+    cot = output_cotangents(prob, "type2")
+    assert capture_plain(prob, cot) is not None
+    moved = prob.with_batch(prob.X, prob.y, theta=prob.theta + 1e-3)
+    assert capture_plain(moved, cot) is None
