@@ -45,7 +45,8 @@ from curvlab.vocabulary import fisher_type
 
 __all__ = ["LayerIO", "Capture", "capture", "recording", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
-           "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient", "capture_plain"]
+           "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient", "capture_plain",
+           "layer_piece", "model_holds_theta"]
 
 
 @dataclass
@@ -464,23 +465,26 @@ def _output_grads(f: Tensor, zs: list[Tensor], U: Tensor) -> list[Tensor | None]
     return list(torch.autograd.grad(f, zs, grad_outputs=U, is_grads_batched=True, allow_unused=True))
 
 
+def layer_piece(prob: Problem, name: str, module: nn.Module, a_in: Tensor, gz: Tensor) -> LayerIO:
+    """Return the LayerIO of layer ``name`` from its recorded input and output cotangents gz (k, *z.shape)."""
+    rule = RULES[type(module)]
+    prefix = f"{name}." if name else ""
+    bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
+    return LayerIO(name, module, rule.kind, prefix + "weight", bias, prob.param_slices[prefix + "weight"].start,
+                   rule.inputs(module, a_in), rule.grads(gz, prob.X.shape[0]))
+
+
 def _layer_pieces(prob: Problem, layers: dict[str, nn.Module],
                   records: dict[str, list[tuple[Tensor, Tensor]]], f: Tensor, U: Tensor) -> list[LayerIO]:
     """One LayerIO (inputs a, backpropagated output cotangents g) per structured layer."""
     if not layers:
         return []
-    n = prob.X.shape[0]
     zs = [records[name][0][1] for name in layers]
     pieces = []
     for (name, m), z, gz in zip(layers.items(), zs, _output_grads(f, zs, U)):
-        rule = RULES[type(m)]
-        a = rule.inputs(m, records[name][0][0])
         if gz is None:
             gz = torch.zeros((U.shape[0], *z.shape), dtype=z.dtype, device=z.device)
-        prefix = f"{name}." if name else ""
-        bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
-        pieces.append(LayerIO(name, m, rule.kind, prefix + "weight", bias,
-                              prob.param_slices[prefix + "weight"].start, a, rule.grads(gz, n)))
+        pieces.append(layer_piece(prob, name, m, records[name][0][0], gz))
     return pieces
 
 
@@ -537,13 +541,14 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     return Capture(pieces, f.detach(), prob.X.shape[0])
 
 
-def _model_holds_theta(prob: Problem) -> bool:
-    """Whether the model's own trainable parameters equal ``prob.theta`` (one concatenation, no copy of θ)."""
+def model_holds_theta(prob: Problem, theta: Tensor | None = None) -> bool:
+    """Whether the model's own trainable parameters equal θ (default ``prob.theta``): one concatenation."""
+    theta = prob.theta if theta is None else theta
     params = [p for _, p in prob.model.named_parameters() if p.requires_grad]
-    if sum(p.numel() for p in params) != prob.theta.numel():
+    if sum(p.numel() for p in params) != theta.numel():
         return False
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    return flat.dtype == prob.theta.dtype and flat.device == prob.theta.device and bool(torch.equal(flat, prob.theta))
+    return flat.dtype == theta.dtype and flat.device == theta.device and bool(torch.equal(flat, theta))
 
 
 def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
@@ -558,7 +563,7 @@ def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
     checked by one concatenation and comparison): then use :func:`capture`.
     """
     layers = supported_layers(prob) if layers is None else layers
-    if not _model_holds_theta(prob):
+    if not model_holds_theta(prob):
         return None
     with recording(layers) as records, torch.enable_grad():
         f = prob.model(prob.X)

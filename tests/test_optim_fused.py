@@ -378,3 +378,12 @@ def test_plain_capture_refuses_a_model_that_does_not_hold_theta():
     assert capture_plain(prob, cot) is not None
     moved = prob.with_batch(prob.X, prob.y, theta=prob.theta + 1e-3)
     assert capture_plain(moved, cot) is None
+
+
+def test_kbfgs_plain_pass_refuses_a_model_that_does_not_hold_theta():
+    """layer_pass's precondition (the model's parameters are θ) is checked, not assumed."""
+    from curvlab.optim.passes import layer_pass
+
+    prob = cl.problems.load("digits-mlp", n=32)
+    assert layer_pass(prob, prob.theta) is not None
+    assert layer_pass(prob, prob.theta + 1e-3) is None

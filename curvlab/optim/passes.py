@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.approx.kbfgs import KBFGSStatistics, _layer_statistics
-from curvlab.capture import LayerIO, Records, recording
-from curvlab.layers import RULES, structured_layers
+from curvlab.capture import Records, layer_piece, model_holds_theta, recording
+from curvlab.layers import structured_layers
 from curvlab.problem import Problem
 
 __all__ = ["layer_pass"]
@@ -31,14 +31,6 @@ def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]) ->
     return f, records
 
 
-def _layer_io(prob: Problem, name: str, module: nn.Module, a_in: Tensor, gz: Tensor) -> LayerIO:
-    rule = RULES[type(module)]
-    prefix = f"{name}." if name else ""
-    bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
-    return LayerIO(name, module, rule.kind, prefix + "weight", bias, prob.param_slices[prefix + "weight"].start,
-                   rule.inputs(module, a_in), rule.grads(gz[None], prob.num_samples))
-
-
 def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFGSStatistics | None:
     """Return ``kbfgs_statistics(prob, theta, input_factors)`` for a model whose parameters hold θ.
 
@@ -46,8 +38,11 @@ def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFG
     module docstring).
 
     Returns None when the pass does not fit the layer structure (a layer not called exactly once on these
-    data, or parameters outside the layers): :func:`kbfgs_statistics` then applies, with its checks.
+    data, or parameters outside the layers) or the model's parameters do not hold ``theta`` (checked):
+    :func:`kbfgs_statistics` then applies, with its checks.
     """
+    if not model_holds_theta(prob, theta):
+        return None
     layers = structured_layers(prob)
     f, records = _recorded_call(prob.model, prob.X, layers)
     if any(len(r) != 1 for r in records.values()):
@@ -58,7 +53,7 @@ def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFG
     grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
     covered, stats = 0, {}
     for (name, m), z, gz in zip(layers.items(), zs, gzs):
-        io = _layer_io(prob, name, m, records[name][0][0], torch.zeros_like(z) if gz is None else gz)
+        io = layer_piece(prob, name, m, records[name][0][0], (torch.zeros_like(z) if gz is None else gz)[None])
         params = {io.weight: m.weight.detach(), **({io.bias: m.bias.detach()} if io.bias else {})}
         st = _layer_statistics(io, params, 1.0, input_factors, grad)
         stats[st.name] = st
