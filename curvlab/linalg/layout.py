@@ -121,6 +121,19 @@ class KronLayout:
             return X.reshape(m, -1).T
         return torch.cat([X[:, :, :-1].reshape(m, -1), X[:, :, -1]], dim=1).T
 
+    def fold(self, v: Tensor) -> Tensor:
+        """Return one flat parameter-order vector (p·q,) as its folded p×q matrix [W b] (2-D: plain GEMMs)."""
+        if not self.bias:
+            return v.view(self.rows, self.cols)
+        w = self.weight_size
+        return torch.cat([v[:w].view(self.rows, self.cols - 1), v[w:, None]], dim=1)
+
+    def unfold(self, X: Tensor) -> Tensor:
+        """Return the folded p×q matrix X as a flat parameter-order vector (p·q,): the inverse of :meth:`fold`."""
+        if not self.bias:
+            return X.reshape(-1)
+        return torch.cat([X[:, :-1].reshape(-1), X[:, -1]])
+
     def rows_from_mats(self, X: Tensor) -> Tensor:
         """Folded matrices (..., p, q) → flat rows (..., p·q) in parameter order."""
         lead = X.shape[:-2]
