@@ -26,7 +26,6 @@ from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
 from curvlab.approx.statistics import FAMILIES, Basis, average, kronecker_basis
 from curvlab.linalg import CurvatureMatrix
-from curvlab.optim.inverse import DampedInverse
 from curvlab.problem import Problem
 
 __all__ = ["Preconditioner", "KroneckerPreconditioner", "ExactPreconditioner", "KBFGSPreconditioner",
@@ -111,7 +110,7 @@ class KroneckerPreconditioner(Preconditioner):
         self.plain_passes = plain_passes
         self._pending: tuple[Problem, int, Collection] | None = None
         self._checked: tuple[Approximation, float, str] | None = None  # solved once with a checked solve
-        self._inverse: DampedInverse | None = None
+        self._inverse: CurvatureMatrix | None = None
 
     @staticmethod
     def _key(p: KronPiece) -> tuple[int, int]:
@@ -198,17 +197,17 @@ class KroneckerPreconditioner(Preconditioner):
     def direction(self, g: Tensor) -> Tensor:
         """Return −(C + λ)⁻¹g under the damping rule.
 
-        The matrix's checked solve at the first step with a matrix and damping, then its
-        :class:`~curvlab.optim.inverse.DampedInverse` (same numbers up to rounding: two small GEMMs per
-        Kronecker block).
+        The matrix's checked solve at the first step with a matrix and damping, then its damped
+        inverse ``C.inverse(λ, rule)`` in the same structure (same numbers up to rounding: two small
+        GEMMs per Kronecker factor pair, a Kron block's (A + λ_A)⁻¹ ⊗ (G + λ_G)⁻¹).
         """
         key = (self._matrix, self.damping, self.damping_rule)
-        inv = self._inverse
-        if inv is not None and inv.matches(*key):
-            return inv.direction(g)
-        if self._checked is not None and self._checked[0] is key[0] and self._checked[1:] == key[1:]:
-            self._inverse = DampedInverse(*key)
-            return self._inverse.direction(g)
+        same = self._checked is not None and self._checked[0] is key[0] and self._checked[1:] == key[1:]
+        if same and self._inverse is not None:
+            return -(self._inverse @ g)
+        if same:
+            self._inverse = self._matrix.inverse(self.damping, self.damping_rule)
+            return -(self._inverse @ g)
         d = self._matrix.direction(g, self.damping, mode=self.damping_rule)
         self._checked, self._inverse = key, None
         return d
