@@ -552,18 +552,18 @@ def model_holds_theta(prob: Problem, theta: Tensor | None = None) -> bool:
 
 
 def capture_plain(prob: Problem, cotangents: Callable[[Tensor], Tensor],
-                  layers: dict[str, nn.Module] | None = None) -> Capture | None:
+                  layers: dict[str, nn.Module] | None = None, theta: Tensor | None = None) -> Capture | None:
     """:func:`capture` by a plain call of the model, whose own parameters must hold θ; layers only.
 
     The forward pass is ``prob.model(prob.X)`` with the layers' inputs and outputs recorded
     (:func:`recording`; no ``functional_call``), then the same batched backward pass to those outputs
     and the same pieces as :func:`capture` with ``generic=False``. Returns None when that does not
     apply (a layer not called exactly once on these data, an output off the autograd graph, e.g. a
-    frozen layer on inputs without gradients, or model parameters that do not hold ``prob.theta`` —
-    checked by one concatenation and comparison): then use :func:`capture`.
+    frozen layer on inputs without gradients, or model parameters that do not hold θ = ``theta``,
+    default ``prob.theta``, checked by one concatenation and comparison): then use :func:`capture`.
     """
     layers = supported_layers(prob) if layers is None else layers
-    if not model_holds_theta(prob):
+    if not model_holds_theta(prob, theta):
         return None
     with recording(layers) as records, torch.enable_grad():
         f = prob.model(prob.X)
@@ -633,7 +633,7 @@ def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor],
 
     theta = prob.theta if theta is None else theta
     cot = cotangents if loss_row is not None else fused
-    cap = capture_plain(prob, cot, layers) if plain and not generic else None
+    cap = capture_plain(prob, cot, layers, theta) if plain and not generic else None
     cap = capture(prob, cot, theta, layers, generic) if cap is None else cap
     grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
     for piece in cap.pieces:

@@ -383,3 +383,14 @@ def test_kbfgs_plain_pass_refuses_a_model_that_does_not_hold_theta():
     prob = cl.problems.load("digits-mlp", n=32)
     assert layer_pass(prob, prob.theta) is not None
     assert layer_pass(prob, prob.theta + 1e-3) is None
+
+
+def test_fused_capture_at_another_theta_does_not_take_the_plain_call():
+    """capture_with_gradient(theta=θ') with the model at θ must compute at θ', not at the model's θ."""
+    prob = cl.problems.load("digits-mlp", n=32)
+    other = prob.theta + 1e-2 * torch.randn(prob.num_params, dtype=prob.theta.dtype,
+                                            generator=torch.Generator().manual_seed(0))
+    cot = output_cotangents(prob, "type2")
+    _, loss, grad = capture_with_gradient(prob, cot, theta=other, generic=False, plain=True)
+    ref = prob.gradient(other)
+    assert float((grad - ref).norm() / ref.norm()) < 1e-12 and abs(float(loss) - prob.loss(other)) < 1e-12
