@@ -35,6 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -378,8 +379,6 @@ def _compare_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from curvlab import plot
     from curvlab.compare.report import format_report, report, save
 
@@ -551,12 +550,17 @@ def _plot_study(path: Any, dpi: int) -> int | None:
         ds = None
     if ds is None or "study" not in ds.attrs:
         return None
+    return _write_figures(studies.save_figures, ds, path, dpi, f"{path}: study {ds.attrs['study']!r} drew no figures")
+
+
+def _write_figures(save: Any, ds: Any, path: Path, dpi: int, empty: str) -> int:
+    """Write ``save(ds, path stem, dpi)``'s figures and print their names; ``empty``: the error when none."""
     try:
-        written = studies.save_figures(ds, path.with_suffix(""), dpi=dpi)
+        written = save(ds, path.with_suffix(""), dpi=dpi)
     except OSError as exc:
         raise UsageError(f"cannot write the figures beside {path}: {exc}") from None
     if not written:
-        raise UsageError(f"{path}: study {ds.attrs['study']!r} drew no figures")
+        raise UsageError(empty)
     for fig in written:
         print(f"wrote {fig}")
     return 0
@@ -593,23 +597,13 @@ def _load_report(path: Any) -> Any:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from curvlab import plot
 
     path = Path(args.file)
     if (status := _plot_study(path, args.dpi)) is not None:  # a study's Dataset: its own figures
         return status
-    ds = _load_report(path)
-    try:
-        written = plot.save_figures(ds, path.with_suffix(""), dpi=args.dpi)
-    except OSError as exc:
-        raise UsageError(f"cannot write the figures beside {path}: {exc}") from None
-    if not written:
-        raise UsageError(f"{path} holds no variables these figures draw (is it a `curvlab compare` report?)")
-    for fig in written:
-        print(f"wrote {fig}")
-    return 0
+    return _write_figures(plot.save_figures, _load_report(path), path, args.dpi,
+                          f"{path} holds no variables these figures draw (is it a `curvlab compare` report?)")
 
 
 # ---------------------------------------------------------------------------- registry and entry point
