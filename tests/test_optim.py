@@ -57,25 +57,29 @@ def test_kfac_with_one_sample_takes_the_exact_block_natural_gradient_step():
     prob = cl.Problem(model, nn.MSELoss(), X, Y)
     ref = cl.exact.ggn(prob, structure="block").direction(prob.gradient(), lam)
     opt = optim.make("kfac", model, nn.MSELoss(), lr=1.0, damping=lam, damping_rule="exact", momentum=0.0,
-                     kl_clip=None, ema_decay=0.0, inverse_period=1)
+                     kl_clip=None, ema_decay=0.0, inverse_period=1, fisher="ggn")
     before = opt.theta()
     opt.step(X, Y)
     assert rel(opt.theta() - before, ref) < 1e-10
     assert rel(opt.direction(), ref) < 1e-10
 
 
-@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac", "foof"])
-def test_without_averaging_each_step_is_the_one_batch_approximation(method):
+@pytest.mark.parametrize("method,fisher", [("kfac", "fisher_mc"), ("kfac", "ggn"), ("ekfac", "fisher_mc"),
+                                           ("ekfac", "ggn"), ("tkfac", "fisher_mc"), ("tkfac", "ggn"),
+                                           ("tekfac", "ggn"), ("foof", None)])
+def test_without_averaging_each_step_is_the_one_batch_approximation(method, fisher):
     """EMA decay 0, statistics and inverses every step: the curvature and the direction of every step
-    are exactly ``cl.approx.<method>`` on that step's batch, with its own damping rule."""
+    are exactly ``cl.approx.<method>`` on that step's batch, with its own damping rule — for the
+    sampled Fisher (the default) with the labels of seed ``seed + step``."""
     prob = cl.problems.load("digits-mlp", n=96, seed=1)
     model = cl.problems.load("digits-mlp", n=96, seed=1).model
-    lam = 1e-2
+    lam, seed = 1e-2, 5
+    kw = {} if fisher is None else {"fisher": fisher}
     opt = optim.make(method, model, prob.loss_fn, lr=0.05, damping=lam, momentum=0.0, kl_clip=None,
-                     ema_decay=0.0, inverse_period=1)
+                     ema_decay=0.0, inverse_period=1, seed=seed, **kw)
     for step, ix in enumerate(optim.batches(prob.num_samples, 32, 3, seed=0)):
         batch = prob.with_batch(prob.X[ix], prob.y[ix], opt.theta())
-        K = getattr(cl.approx, method)(batch)
+        K = getattr(cl.approx, method)(batch, **kw, **({"seed": seed + step} if fisher == "fisher_mc" else {}))
         d_ref = K.direction(batch.gradient(), lam, mode="own")
         before = opt.theta()
         opt.step(prob.X[ix], prob.y[ix])
@@ -243,19 +247,25 @@ def test_train_is_reproducible_and_leaves_the_problem_alone():
 def test_ng_reaches_the_least_squares_solution_in_one_step():
     """A model linear in θ with squared error: GGN = Hessian, so NG with λ → 0 and lr 1 is Newton."""
     model, X, Y = _least_squares()
-    opt = optim.make("ng", model, nn.MSELoss(), lr=1.0, damping=1e-12)
+    opt = optim.make("ng", model, nn.MSELoss(), lr=1.0, damping=1e-12, fisher="ggn")
     opt.step(X, Y)
     assert rel(opt.theta(), _ls_solution(X, Y)) < 1e-8
 
 
+@pytest.mark.parametrize("fisher", ["ggn", "fisher_mc"])
 @pytest.mark.parametrize("method,structure", [("ng", "full"), ("ng-block", "block")])
-def test_ng_step_is_the_dense_damped_ggn_solve_of_the_batch(method, structure):
+def test_ng_step_is_the_dense_damped_ggn_solve_of_the_batch(method, structure, fisher):
+    """The step is the oracle's dense (F + λI)⁻¹g on the batch: F the GGN, or the sampled-label Fisher
+    (the default) with the same labels (seed ``seed + step``)."""
     prob = cl.problems.load("digits-mlp", n=128, seed=3)
-    lam = 1e-2
-    opt = optim.make(method, cl.problems.load("digits-mlp", n=128, seed=3).model, prob.loss_fn, lr=1.0, damping=lam)
+    lam, seed = 1e-2, 7
+    opt = optim.make(method, cl.problems.load("digits-mlp", n=128, seed=3).model, prob.loss_fn, lr=1.0, damping=lam,
+                     fisher=fisher, seed=seed)
     ix = optim.batches(prob.num_samples, 48, 1, seed=0)[0]
     batch = prob.with_batch(prob.X[ix], prob.y[ix])
-    ref = cl.exact.ggn(batch, structure=structure).direction(batch.gradient(), lam)
+    F = cl.exact.ggn(batch, structure=structure) if fisher == "ggn" else \
+        cl.exact.fisher_mc(batch, structure=structure, mc_samples=1, seed=seed)
+    ref = F.direction(batch.gradient(), lam)
     before = opt.theta()
     opt.step(prob.X[ix], prob.y[ix])
     assert rel(opt.theta() - before, ref) < 1e-9

@@ -30,7 +30,7 @@ def test_two_level_step_is_the_two_level_update_of_the_batch():
     prob = cl.problems.load("digits-mlp", n=64, seed=4)
     lam = 1e-2
     opt = optim.make("kfac-2l-residual", cl.problems.load("digits-mlp", n=64, seed=4).model, prob.loss_fn, lr=1.0,
-                     damping=lam, momentum=0.0, kl_clip=None, ema_decay=0.0, inverse_period=1)
+                     damping=lam, momentum=0.0, kl_clip=None, ema_decay=0.0, inverse_period=1, fisher="ggn")
     g = prob.gradient()
     T = cl.approx.two_level_kfac(prob, coarse="residual", damping=lam, gradient=g)
     before = opt.theta()

@@ -63,7 +63,7 @@ RUN_METHODS = {
     "grouped-newton": ("gn_lr", "grouped-newton", {}),
     "grouped-newton-diagonal": ("gn_lr", "grouped-newton", {"diagonal": True}),
     "adam": ("adam_lr", "adam", {}),
-    "kfac": ("kfac_lr", "kfac", {}),
+    "kfac": ("kfac_lr", "kfac", {"fisher": "ggn"}),  # the exact GGN, as the committed runs used
     "sgd": ("sgd_lr", "sgd", {"momentum": 0.9}),
 }
 INVARIANCE_METHODS = ("grouped-newton", "sgd", "adam")

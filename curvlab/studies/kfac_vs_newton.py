@@ -296,6 +296,8 @@ def train_options(method: str, lr: float, damping: float, config: Mapping[str, A
     if method == "sgd":
         return "sgd", options
     options.update(damping=damping, kl_clip=config["kl_clip"])
+    if method != "foof":
+        options.update(fisher="ggn")  # the exact GGN of each batch, as this study's committed runs used
     if method in ("kfac", "kfac-exact", "foof"):
         options.update(inverse_period=config["inverse_period"])
     if method == "kfac-exact":

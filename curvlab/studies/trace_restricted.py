@@ -169,7 +169,7 @@ def _training_cell(method: str, seed: int, config: Mapping[str, Any]) -> xr.Data
     loss = seconds = np.full(steps + 1, np.nan)
     try:
         ds = cl.optim.train(prob, method, steps=steps, batch_size=config["batch_size"], seed=seed, progress=False,
-                            lr=config["lr"], damping=config["train_damping"])
+                            lr=config["lr"], damping=config["train_damping"], fisher="ggn")
         loss, seconds = ds["loss"].values, ds["seconds"].values
     except FloatingPointError:  # the loss or gradient stopped being finite: a diverged run
         pass
