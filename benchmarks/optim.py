@@ -31,8 +31,9 @@ What is measured
   scale R); damping λ with ASDL's π-rule for KFAC (curvlab's KFAC default, λ = 1e-2); EMA decay
   ``1 − ema_decay`` (ASDL weighs the new batch by its ``ema_decay``); statistics every step and
   inverses every ``inverse_period`` steps (``curvature_upd_interval``, ``preconditioner_upd_interval``);
-  K-BFGS with λ = 0.3 (√λ on A and μ₂ = √λ, as curvlab) and A's decay 0.9. ASDL's ``fisher_exact``
-  is curvlab's ``type2`` (one backward pass per class), ``fisher_emp`` its ``empirical``; its EKFAC
+  K-BFGS with λ = 0.3 (√λ on A and μ₂ = √λ, as curvlab) and A's decay 0.9. ASDL's ``fisher_mc``
+  (one sampled label) is curvlab's default ``fisher_mc``, its ``fisher_exact`` curvlab's ``ggn`` (one
+  backward pass per class), ``fisher_emp`` its ``empirical``; its EKFAC
   takes only the latter and, as its EMA would sum eigenvector matrices, runs without one (the
   eigenbasis of each batch: matched by curvlab's EKFAC with ``ema_decay=0``, ``inverse_period=1``).
   Where ASDL lacks a method, a Fisher type or a loss, or fails, the row says so and why (the error
@@ -99,6 +100,7 @@ def variants(names: list[str]) -> list[Variant]:
         Variant("rmsprop", "rmsprop", {}, "torch:rmsprop"),
         Variant("kfac", "kfac", {}, "kfac"),
         Variant("kfac, inverses every step", "kfac", {"inverse_period": 1}, "kfac"),
+        Variant("kfac, exact type-2 Fisher", "kfac", {"fisher": "ggn"}, "kfac-exact"),
         Variant("kfac, empirical Fisher", "kfac", {"fisher": "empirical"}, "kfac-emp"),
         Variant("ekfac", "ekfac", {}, None, "ASDL's EKFAC takes the empirical Fisher only: see the next row"),
         Variant("ekfac, empirical, from the batch", "ekfac",
@@ -107,6 +109,7 @@ def variants(names: list[str]) -> list[Variant]:
         Variant("tekfac", "tekfac", {}, None, "ASDL has no TEKFAC"),
         Variant("foof", "foof", {}, None, "ASDL has no FOOF"),
         Variant("ng", "ng", {}, "ng"),
+        Variant("ng, exact GGN", "ng", {"fisher": "ggn"}, "ng-exact"),
         Variant("ng, empirical Fisher", "ng", {"fisher": "empirical"}, "ng-emp"),
         Variant("ng-block", "ng-block", {}, "ng-block"),
         Variant("newton", "newton", {}, "newton"),
@@ -281,19 +284,21 @@ def asdl_makers(prob, batch: int) -> dict[str, Callable[[Any, dict[str, Any]], A
                                      preconditioner_upd_interval=o["inverse_period"] if period else 1,
                                      curvature_upd_interval=o.get("stats_period", 1))
 
-    def fisher(cls, ema: bool = True) -> Callable[[Any, dict[str, Any]], Any] | str:
+    def fisher(cls, ema: bool = True, kind: str = "fisher_mc") -> Callable[[Any, dict[str, Any]], Any] | str:
         if loss_type is None:
             return (f"ASDL's Fisher supports cross-entropy and MSE only, not {type(prob.loss_fn).__name__} "
                     "(see the empirical-Fisher rows)")
-        return lambda m, o: cls(m, config(o, ema, ema), fisher_type="fisher_exact", loss_type=loss_type)
+        return lambda m, o: cls(m, config(o, ema, ema), fisher_type=kind, loss_type=loss_type)
 
     return {
         "kfac": fisher(asdl.KfacGradientMaker),
+        "kfac-exact": fisher(asdl.KfacGradientMaker, kind="fisher_exact"),
         "kfac-emp": lambda m, o: asdl.KfacGradientMaker(m, config(o), fisher_type="fisher_emp"),
         # ASDL's EKFAC under an EMA sums eigenvector matrices across batches: run it without one
         "ekfac-emp": lambda m, o: asdl.EkfacGradientMaker(m, config(o, ema=False, period=False),
                                                           fisher_type="fisher_emp"),
         "ng": fisher(asdl.FullNaturalGradientMaker, ema=False),
+        "ng-exact": fisher(asdl.FullNaturalGradientMaker, ema=False, kind="fisher_exact"),
         "ng-emp": lambda m, o: asdl.SmwEmpNaturalGradientMaker(
             m, asdl.SmwEmpNaturalGradientConfig(data_size=batch, damping=o["damping"])),
         "ng-block": fisher(asdl.LayerWiseNaturalGradientMaker, ema=False),
@@ -304,12 +309,14 @@ def asdl_makers(prob, batch: int) -> dict[str, Callable[[Any, dict[str, Any]], A
 
 
 ASDL_SETTINGS = {
-    "kfac": "KfacGradientMaker, fisher_exact, π-damping, EMA",
+    "kfac": "KfacGradientMaker, fisher_mc (one sampled label), π-damping, EMA",
+    "kfac-exact": "KfacGradientMaker, fisher_exact, π-damping, EMA",
     "kfac-emp": "KfacGradientMaker, fisher_emp, π-damping, EMA",
     "ekfac-emp": "EkfacGradientMaker, fisher_emp, eigenbasis of the batch every step",
-    "ng": "FullNaturalGradientMaker, fisher_exact: dense P×P, Cholesky every step",
+    "ng": "FullNaturalGradientMaker, fisher_mc: dense P×P, Cholesky every step",
+    "ng-exact": "FullNaturalGradientMaker, fisher_exact: dense P×P, Cholesky every step",
     "ng-emp": "SmwEmpNaturalGradientMaker: Woodbury on the N×N Gram",
-    "ng-block": "LayerWiseNaturalGradientMaker, fisher_exact",
+    "ng-block": "LayerWiseNaturalGradientMaker, fisher_mc",
     "newton": "NewtonGradientMaker: dense Hessian row by row, solve",
     "kbfgs": "KronBfgsGradientMaker (minibatch_hessian_action=False)",
 }

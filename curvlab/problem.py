@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvlab.linalg.base import all_finite
 from curvlab.losses import Likelihood, likelihood_for
 
 __all__ = ["Problem", "Block", "Partition"]
@@ -79,7 +80,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_finite(t: Tensor, what: str) -> None:
-    if t.dtype in _FLOAT and not bool(torch.isfinite(t).all()):
+    """Raise ``ValueError`` naming the first NaN/inf entry of ``t``, if any."""
+    if t.dtype in _FLOAT and not all_finite(t):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{what} contains NaN or inf (first at index {tuple(bad)}: {t[tuple(bad)].item()})")
 

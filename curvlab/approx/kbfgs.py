@@ -68,6 +68,7 @@ from curvlab import memory
 from curvlab.approx.base import Approximation
 from curvlab.approx.factors import collect
 from curvlab.capture import LayerIO
+from curvlab.linalg.base import all_finite
 from curvlab.linalg.kron import Kron
 from curvlab.problem import Problem
 
@@ -184,7 +185,7 @@ def bfgs_skip_reason(s: Tensor, y: Tensor, v: Tensor, threshold: float = 1e-4) -
     output side, h̄ on the input side; renyiryry/kbfgs_neurips2020_public, ``get_BFGS_formula``).
     """
     _check_pair(s, y)
-    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(y).all())):
+    if not (all_finite(s) and all_finite(y)):
         return "nonfinite"
     sy = torch.dot(s, y)
     if not bool(sy > 0):
@@ -447,7 +448,7 @@ class KBFGSLayerState:
         self.counters.input_updates += 1
         if _skip_reason_from(gram[0][0], gram[0][1], gram[2][2], threshold) is None:
             H = _bfgs_update_from(self.H_a, s, Hy, gram[0][1], gram[1][3])
-            if bool(torch.isfinite(H).all()):
+            if all_finite(H):
                 self.H_a = H
                 return True
         self.counters.input_skipped += 1
@@ -496,7 +497,7 @@ class KBFGSLayerState:
             self.lbfgs.push(pair.s, pair.y, sy)
         elif pair.skipped is None:
             H = _bfgs_update_from(self.H_g, pair.s, Hy, sy, yHy)
-            if bool(torch.isfinite(H).all()):
+            if all_finite(H):
                 self.H_g = H
             else:
                 pair.skipped = "nonfinite"

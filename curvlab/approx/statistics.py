@@ -121,7 +121,7 @@ def average(old: Stats | None, new: Stats, decay: float) -> Stats:
     """Return the exponential moving average decay·old + (1 − decay)·new (``new`` when there is no ``old``)."""
     if old is None:
         return dict(new)
-    return {k: decay * old[k] + (1.0 - decay) * v for k, v in new.items()}
+    return {k: torch.lerp(old[k], v, 1.0 - decay) for k, v in new.items()}  # old + (1 − decay)(new − old)
 
 
 def one_batch(name: str, approx: str) -> Callable[[KronPiece], tuple[CurvatureMatrix, dict]]:

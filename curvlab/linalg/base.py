@@ -65,6 +65,15 @@ class Eigh(NamedTuple):
     vectors: Tensor
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of the floating-point tensor ``t`` is finite.
+
+    A finite sum implies finite entries (a NaN or ±inf entry makes the sum NaN or ±inf), so the
+    elementwise test runs only when the sum is not finite (a bad entry, or a sum that overflows).
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def as_vectors(v: Tensor, size: int, dtype: torch.dtype, device: torch.device, what: str = "v") -> tuple[Tensor, bool]:
     """Check a vector (P,) or a matrix of columns (P, m); return it as (P, m) and whether it was 1-D."""
     if not isinstance(v, Tensor):
@@ -73,7 +82,7 @@ def as_vectors(v: Tensor, size: int, dtype: torch.dtype, device: torch.device, w
         raise ValueError(f"{what} must have shape ({size},) or ({size}, m); got {tuple(v.shape)}")
     if not torch.is_floating_point(v):
         v = v.to(dtype)
-    if not bool(torch.isfinite(v).all()):
+    if not all_finite(v):
         raise ValueError(f"{what} contains NaN or inf")
     v = v.to(dtype=dtype, device=device)
     return (v[:, None], True) if v.ndim == 1 else (v, False)

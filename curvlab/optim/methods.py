@@ -19,8 +19,9 @@ Defaults and where they come from:
   label per example (``fisher="fisher_mc"``: F = (1/m) Σ_n u_n u_nᵀ with u_n the per-example gradient at
   the sampled label, the subsampled natural gradient of Benzing 2022 and Koroko et al. 2023's ExactNG),
   so the Woodbury system has m = N rows; ``fisher="ggn"`` is the exact GGN of the batch (N·C rows: on
-  digits-mlp, batch 128, a 1,280 × 1,280 factorisation every step, ~15× the sampled one's cost). (Measured on digits-mlp,
-  batch 64: λ = 1e-3 diverges within 10 steps — the batch GGN has rank ≤ 576 of 3,466 — λ = 1e-1 trains.)
+  digits-mlp, batch 128, a 1,280 × 1,280 factorisation every step, ~15× the sampled one's cost).
+  (Measured on digits-mlp, batch 64, GGN: λ = 1e-3 diverges within 10 steps — the batch GGN has rank
+  ≤ 576 of 3,466 — λ = 1e-1 trains.)
 * **newton, newton-block**: exact damped Hessian of the batch (small problems), ``damping=1e-1``, ``lr=1``.
 * **kfac-2l-<coarse>** (two-level KFAC, Koroko et al. 2023; coarse ∈ nicolaides, spectral, residual,
   krylov-nicolaides, krylov-residual, tselepidis): KFAC's defaults with λ on each factor

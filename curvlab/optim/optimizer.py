@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.linalg import CurvatureMatrix, Diagonal
+from curvlab.linalg.base import all_finite
 from curvlab.optim.preconditioners import Preconditioner
 from curvlab.problem import Problem
 
@@ -186,7 +187,7 @@ class CurvatureOptimizer(_BatchOptimizer):
         batch = self.problem(X, y)
         curvature_batch = self._curvature_batch(batch)
         loss, g = self._gradient(batch, curvature_batch)
-        if not math.isfinite(loss) or not bool(torch.isfinite(g).all()):
+        if not math.isfinite(loss) or not all_finite(g):
             raise FloatingPointError(f"{self.method}: the loss or gradient is not finite at step {self.steps_taken} "
                                      f"(loss {loss}); lower the learning rate or raise the damping")
         tau = self.param_groups[0]["weight_decay"]
