@@ -215,6 +215,7 @@ def test_cached_inverse_takes_the_solve_step(method):
     opt = optim.make(method, PROBLEMS["digits-mlp"]().model, prob.loss_fn, lr=0.05, momentum=0.0, kl_clip=None,
                      inverse_period=3)
     pre = opt.preconditioner
+    inverses = []
     for step, ix in enumerate(optim.batches(prob.num_samples, 24, 6, seed=0)):
         if step == 4:
             pre.damping = 0.05
@@ -223,7 +224,23 @@ def test_cached_inverse_takes_the_solve_step(method):
         opt.step(prob.X[ix], prob.y[ix])
         ref = opt.curvature().direction(batch.gradient(), pre.damping, mode="own")
         assert rel((opt.theta() - before) / 0.05, ref) < 1e-10, step
-        assert (pre._inverse is not None) == (step in (1, 2, 5)), step
+        inverses.append(pre._inverse)
+    rebuilt = [step for step in range(6) if step == 0 or inverses[step] is not inverses[step - 1]]
+    assert rebuilt == [0, 3, 4]  # at each refresh (every 3 steps) and when the damping changed
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac", "foof"])
+@pytest.mark.parametrize("rule", RULES)
+def test_damped_inverse_refuses_where_the_checked_solve_refuses(method, rule):
+    """Undamped factors of a batch of 6 samples are singular (A has rank ≤ 6 < 65): the inverse the
+    optimizer steps with refuses exactly as the matrix's checked solve does."""
+    prob = PROBLEMS["digits-mlp"]()
+    p = prob.with_batch(prob.X[:6], prob.y[:6])
+    C = getattr(cl.approx, method)(p)
+    g = p.gradient()
+    for op in (lambda: C.direction(g, 0.0, mode=rule), lambda: C.inverse(0.0, rule) @ g):
+        with pytest.raises(ValueError, match="singular"):
+            op()
 
 
 # ---------------------------------------------------------------------------------------------- K-BFGS passes

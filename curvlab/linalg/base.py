@@ -262,13 +262,13 @@ class CurvatureMatrix:
         return self.check_damping(damping, mode), mode
 
     def singular_error(self, damping: Damping, smallest: float, mode: str = "exact",
-                       tolerance: float | None = None) -> ValueError:
+                       tolerance: float | None = None, rule: str = "√n·ε·scale") -> ValueError:
         """Return the error for a (numerically) singular damped system.
 
-        ``smallest`` is the smallest |damped eigenvalue| or pivot, ``tolerance`` the threshold
-        :func:`singular_tolerance` it fell below (both absolute).
+        ``smallest`` is the smallest |damped eigenvalue| or pivot, ``tolerance`` the threshold it fell
+        below (both absolute), ``rule`` how that threshold is formed (:func:`singular_tolerance`).
         """
-        below = "" if tolerance is None else f" ≤ {tolerance:.3e} = √n·ε·scale, the numerical-zero threshold"
+        below = "" if tolerance is None else f" ≤ {tolerance:.3e} = {rule}, the numerical-zero threshold"
         return ValueError(f"{type(self).__name__} + damping is singular or numerically singular (damping "
                           f"{damping!r}, mode {mode!r}; smallest damped eigenvalue or pivot {smallest:.3e}"
                           f"{below}): increase the damping")

@@ -109,7 +109,7 @@ class KroneckerPreconditioner(Preconditioner):
         self.fused_gradient = fused_gradient
         self.plain_passes = plain_passes
         self._pending: tuple[Problem, int, Collection] | None = None
-        self._checked: tuple[Approximation, float, str] | None = None  # solved once with a checked solve
+        self._checked: tuple[Approximation, float, str] | None = None  # what the cached inverse inverts
         self._inverse: CurvatureMatrix | None = None
 
     @staticmethod
@@ -195,22 +195,18 @@ class KroneckerPreconditioner(Preconditioner):
                          "stats_period": self.stats_period, "inverse_period": self.inverse_period})
 
     def direction(self, g: Tensor) -> Tensor:
-        """Return −(C + λ)⁻¹g under the damping rule.
+        """Return −(C + λ)⁻¹g under the damping rule, by the matrix's damped inverse ``C.inverse(λ, rule)``.
 
-        The matrix's checked solve at the first step with a matrix and damping, then its damped
-        inverse ``C.inverse(λ, rule)`` in the same structure (same numbers up to rounding: two small
-        GEMMs per Kronecker factor pair, a Kron block's (A + λ_A)⁻¹ ⊗ (G + λ_G)⁻¹).
+        The inverse is built once per refresh and damping (two small GEMMs per Kronecker factor pair
+        then: a Kron block's (A + λ_A)⁻¹ ⊗ (G + λ_G)⁻¹) and refuses a (numerically) singular system
+        exactly as the matrix's solve ``C.direction(g, λ, mode=rule)`` does, with the same numbers up
+        to rounding (``tests/test_optim_fused.py``).
         """
         key = (self._matrix, self.damping, self.damping_rule)
-        same = self._checked is not None and self._checked[0] is key[0] and self._checked[1:] == key[1:]
-        if same and self._inverse is not None:
-            return -(self._inverse @ g)
-        if same:
+        if self._checked is None or self._checked[0] is not key[0] or self._checked[1:] != key[1:]:
             self._inverse = self._matrix.inverse(self.damping, self.damping_rule)
-            return -(self._inverse @ g)
-        d = self._matrix.direction(g, self.damping, mode=self.damping_rule)
-        self._checked, self._inverse = key, None
-        return d
+            self._checked = key
+        return -(self._inverse @ g)
 
     def curvature(self) -> Approximation | None:
         """Return the approximation built at the last refresh (None before the first step)."""

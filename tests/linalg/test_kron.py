@@ -256,3 +256,67 @@ def test_errors():
         EigenKron(orth(3, 1), orth(2, 1), torch.ones(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="singular"):
         Kron(spd(3, 1, rank=1), spd(2, 2)).solve(v, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- singularity
+def _factor(n: int, eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    Q = orth(n, seed)
+    return (Q * eigenvalues) @ Q.T
+
+
+_SINGULAR_CASES = [  # (eigenvalues of A, of G, damping, mode, singular?)
+    (torch.tensor([0.0, 0.0, 1.0, 3.0]), torch.tensor([0.5, 2.0, 4.0]), 0.0, "exact", True),  # rank-deficient A
+    (torch.tensor([0.0, 0.0, 1.0, 3.0]), torch.tensor([0.5, 2.0, 4.0]), (0.0, 0.0), "factored", True),
+    (torch.tensor([0.0, 0.0, 1.0, 3.0]), torch.tensor([0.0, 2.0, 4.0]), (0.1, 0.0), "factored", True),  # G still
+    (torch.tensor([0.0, 0.0, 1.0, 3.0]), torch.tensor([0.5, 2.0, 4.0]), (0.1, 0.0), "factored", False),
+    (torch.tensor([0.0, 0.0, 1.0, 3.0]), torch.tensor([0.5, 2.0, 4.0]), 1e-3, "exact", False),
+    (torch.tensor([-1.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0]), 1.0, "exact", True),  # −1·1 + 1 = 0
+    (torch.tensor([-1.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0]), 0.5, "exact", False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eA,eG,damping,mode,singular", _SINGULAR_CASES)
+def test_a_kronecker_product_refuses_where_its_damped_eigenvalues_are_numerically_zero(eA, eG, damping, mode,
+                                                                                        singular, dtype):
+    """Solve, direction and inverse of A ⊗ G refuse alike: exactly where a damped factor is singular or
+    the product cancels the damping; otherwise they agree with the dense solve."""
+    A, G = _factor(4, eA.double(), 1).to(dtype), _factor(3, eG.double(), 2).to(dtype)
+    K = Kron(A, G, bias=True)
+    v = torch.linspace(-1, 1, 12, dtype=dtype)
+    ops = (lambda: K.solve(v, damping, mode), lambda: K.direction(v, damping, mode),
+           lambda: K.inverse(damping, mode) @ v)
+    if singular:
+        for op in ops:
+            with pytest.raises(ValueError, match="singular.*increase the damping"):
+                op()
+        return
+    dA, dG = (0.0, 0.0) if mode == "exact" else damping
+    lam = damping if mode == "exact" else 0.0
+    dense = K.layout.to_param_order(torch.kron(G.double() + dG * torch.eye(3, dtype=torch.float64),
+                                               A.double() + dA * torch.eye(4, dtype=torch.float64)))
+    ref = torch.linalg.solve(dense + lam * torch.eye(12, dtype=torch.float64), v.double())
+    d = (eG.double() + dG)[:, None] * (eA.double() + dA)[None, :] + lam  # the damped eigenvalues
+    tol = 10 * float(d.abs().max() / d.abs().min()) * torch.finfo(dtype).eps  # κ·ε, the solve's accuracy
+    for x in (ops[0](), -ops[1](), ops[2]()):
+        assert float((x.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_a_float32_kronecker_block_with_small_factor_damping_is_accepted_and_accurate():
+    """Regression (two-level KFAC on digits-cnn refused at λ = (0.01, 0.01) in float32): the smallest damped
+    eigenvalue λ_A·λ_G = 1e-4 lies below √n·ε·max|S| = 1.6e-4 of the 150·32 block, yet each factor is damped
+    far above its own rounding error; the solve is accurate to float32's κ·ε."""
+    eA = torch.cat([torch.zeros(20), torch.linspace(0.01, 20.0, 130)]).double()
+    eG = torch.cat([torch.zeros(4), torch.linspace(0.001, 1.0, 28)]).double()
+    A64, G64 = _factor(150, eA, 3), _factor(32, eG, 4)
+    K = Kron(A64.float(), G64.float(), bias=True)
+    S_max = float(eA.max() * eG.max())
+    assert 1e-4 < math.sqrt(150 * 32) * torch.finfo(torch.float32).eps * S_max  # what the old rule refused
+    v = torch.randn(150 * 32, generator=torch.Generator().manual_seed(5))
+    x = K.solve(v, (0.01, 0.01), "factored")
+    ref = Kron(A64, G64, bias=True).solve(v.double(), (0.01, 0.01), "factored")
+    kappa = float((eA.max() + 0.01) * (eG.max() + 0.01) / 1e-4)
+    assert float((x.double() - ref).norm() / ref.norm()) < kappa * torch.finfo(torch.float32).eps
+    assert float((K.inverse((0.01, 0.01), "factored") @ v - x).norm() / x.norm()) < 1e-4
+    with pytest.raises(ValueError, match="singular"):  # undamped it is singular, and refused
+        K.solve(v, (0.0, 0.0), "factored")
