@@ -276,6 +276,20 @@ def test_layer_pass_is_kbfgs_statistics(name, input_factors):
                 assert rel(x, y) < EXACT, (n, field)
 
 
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+def test_layer_pass_without_gradient_keeps_the_pairs(name):
+    """The pass after a K-BFGS step (``gradient=False``) gives the same z̄, ḡ, h̄ and loss, and no gradient."""
+    from curvlab.optim.passes import layer_pass
+
+    prob = PROBLEMS[name]()
+    full = layer_pass(prob, prob.theta, False)
+    pairs = layer_pass(prob, prob.theta, False, gradient=False)
+    assert pairs.gradient is None and full.gradient is not None and pairs.loss == full.loss
+    for n, st in pairs.layers.items():
+        for field in ("input_mean", "preact_mean", "preact_grad_sum"):
+            assert torch.equal(getattr(st, field), getattr(full.layers[n], field)), (n, field)
+
+
 class SometimesTwice(nn.Module):
     """Applies its last layer twice once ``twice`` is set: a layer count that changes after the survey."""
 

@@ -553,7 +553,7 @@ class KBFGSStatistics:
 
     theta: Tensor
     loss: float
-    gradient: Tensor
+    gradient: Tensor | None  # None from a pass that skipped it (the optimizer's pass after the step)
     num_samples: int
     layers: dict[str, LayerStatistics]
 
@@ -563,8 +563,8 @@ def _layer_name(io: LayerIO) -> str:
 
 
 def _layer_statistics(io: LayerIO, params: dict[str, Tensor], sqrt_R: float, input_factor: bool,
-                      grad: Tensor) -> LayerStatistics:
-    """One layer's statistics; writes its gradient ∇W = Σ g aᵀ, ∇b = Σ g into ``grad``.
+                      grad: Tensor | None) -> LayerStatistics:
+    """One layer's statistics; writes its gradient ∇W = Σ g aᵀ, ∇b = Σ g into ``grad`` (None: no gradient).
 
     Positions count as samples (the rows of a and g); A is KFAC's expand input factor
     (:meth:`curvlab.approx.factors.KronPiece.input_factor`), formed here from the same rows.
@@ -575,21 +575,23 @@ def _layer_statistics(io: LayerIO, params: dict[str, Tensor], sqrt_R: float, inp
     g = io.g[0].reshape(n * t, d_out)
     if sqrt_R != 1.0:
         g = g * sqrt_R  # ∇_z L, since the cotangents are √R ∇_f ℓ_n
-    w_stop = io.start + d_out * d_in
-    torch.mm(g.T, a, out=grad[io.start:w_stop].view(d_out, d_in))
     g_sum = g.sum(dim=0)
     W = params[io.weight].reshape(d_out, d_in)
-    A = None
+    if grad is not None:
+        w_stop = io.start + d_out * d_in
+        torch.mm(g.T, a, out=grad[io.start:w_stop].view(d_out, d_in))
+        if io.has_bias:
+            grad[w_stop:io.stop] = g_sum
+    a_bar = a.mean(dim=0)
     if io.has_bias:
-        grad[w_stop:io.stop] = g_sum
-        a = F.pad(a, (0, 1), value=1.0)  # h̄ = [a 1]
-        h_bar = a.mean(dim=0)
-        z_mean = torch.addmv(params[io.bias], W, h_bar[:-1])
+        h_bar = torch.cat([a_bar, a_bar.new_ones(1)])  # h̄ = [ā 1]
+        z_mean = torch.addmv(params[io.bias], W, a_bar)
     else:
-        h_bar = a.mean(dim=0)
-        z_mean = W @ h_bar
+        h_bar, z_mean = a_bar, W @ a_bar
+    A = None
     if input_factor:
-        A = torch.mm(a.T, a).div_(n * t)
+        h = F.pad(a, (0, 1), value=1.0) if io.has_bias else a
+        A = torch.mm(h.T, h).div_(n * t)
     return LayerStatistics(_layer_name(io), h_bar, A, z_mean, g_sum)
 
 

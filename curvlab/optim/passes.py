@@ -31,11 +31,13 @@ def _recorded_call(model: nn.Module, X: Tensor, layers: dict[str, nn.Module]) ->
     return f, records
 
 
-def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFGSStatistics | None:
+def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True,
+               gradient: bool = True) -> KBFGSStatistics | None:
     """Return ``kbfgs_statistics(prob, theta, input_factors)`` for a model whose parameters hold θ.
 
     The statistics come from a plain forward and a backward pass to the pre-activations (see the
-    module docstring).
+    module docstring). ``gradient=False`` leaves out the parameter gradient (``gradient`` is None):
+    the pass after a K-BFGS step needs only the pairs' z̄ and ḡ.
 
     Returns None when the pass does not fit the layer structure (a layer not called exactly once on these
     data, or parameters outside the layers) or the model's parameters do not hold ``theta`` (checked):
@@ -50,7 +52,7 @@ def layer_pass(prob: Problem, theta: Tensor, input_factors: bool = True) -> KBFG
     loss = prob.likelihood.loss(f, prob.y)
     zs = [records[name][0][1] for name in layers]
     gzs = torch.autograd.grad(loss, zs, allow_unused=True)
-    grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device)
+    grad = torch.empty(prob.num_params, dtype=theta.dtype, device=theta.device) if gradient else None
     covered, stats = 0, {}
     for (name, m), z, gz in zip(layers.items(), zs, gzs):
         io = layer_piece(prob, name, m, records[name][0][0], (torch.zeros_like(z) if gz is None else gz)[None])

@@ -327,14 +327,14 @@ class KBFGSPreconditioner(Preconditioner):
     def _statistics(self, batch: Problem, theta: Tensor, input_factors: bool) -> Any:
         """Return the batch statistics at θ (the model's parameters).
 
-        They come from plain passes of the model (:func:`curvlab.optim.passes.layer_pass`) unless
-        ``plain_passes=False`` or they do not apply (then from
-        :func:`curvlab.approx.kbfgs.kbfgs_statistics`).
+        They come from plain passes of the model (:func:`curvlab.optim.passes.layer_pass`; the pass
+        after the step, ``input_factors=False``, without the gradient) unless ``plain_passes=False`` or
+        they do not apply (then from :func:`curvlab.approx.kbfgs.kbfgs_statistics`).
         """
         from curvlab.approx.kbfgs import kbfgs_statistics
         from curvlab.optim.passes import layer_pass
 
-        stats = layer_pass(batch, theta, input_factors) if self.plain_passes else None
+        stats = layer_pass(batch, theta, input_factors, gradient=input_factors) if self.plain_passes else None
         return stats if stats is not None else kbfgs_statistics(batch, theta, input_factors=input_factors)
 
     def loss_and_gradient(self, batch: Problem, step: int = 0,
