@@ -425,3 +425,28 @@ def test_fused_capture_at_another_theta_does_not_take_the_plain_call():
     _, loss, grad = capture_with_gradient(prob, cot, theta=other, generic=False, plain=True)
     ref = prob.gradient(other)
     assert float((grad - ref).norm() / ref.norm()) < 1e-12 and abs(float(loss) - prob.loss(other)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- fused averages
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac", "foof"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_accumulate_is_the_average_of_the_batch_statistics(name, method, approx):
+    """Family.accumulate (the Gram factors averaged inside one GEMM) equals average(old, statistics)."""
+    from curvlab.approx.statistics import FAMILIES, average, kronecker_basis
+
+    family = FAMILIES[method]
+    prob = PROBLEMS[name]()
+    first = collect(prob.subset(slice(0, 5)), None if method == "foof" else "ggn", approx=approx)
+    second = collect(prob.subset(slice(5, 9)), None if method == "foof" else "ggn", approx=approx)
+    for p0, p1 in zip((p for plan in first.plans for p in plan.pieces),
+                      (p for plan in second.plans for p in plan.pieces)):
+        old = family.statistics(p0, approx, None)
+        basis = kronecker_basis(old["A"], old["G"]) if family.needs_basis else None
+        if basis is not None:
+            old = family.statistics(p0, approx, basis)
+        fused = family.accumulate(old, p1, approx, basis, 0.7)
+        ref = average(old, family.statistics(p1, approx, basis), 0.7)
+        assert set(fused) == set(ref)
+        for k in ref:
+            assert rel(fused[k], ref[k]) < EXACT, (p1.name, k)

@@ -128,27 +128,36 @@ class KronPiece:
         """The output cotangents g (k, N, T, d_out)."""
         return self.io.g
 
-    def input_factor(self, approx: str = "expand") -> Tensor:
-        """Return the input factor a (see the module docstring)."""
+    def input_rows(self, approx: str = "expand") -> tuple[Tensor, int]:
+        """Return (X, r) with A = XᵀX / r: the input rows (a, [a 1] or 1; positions pooled for "reduce")."""
         a = self.io.a
         n, t, d = a.shape
         if not self.weight:  # the constant input 1
-            return torch.ones(1, 1, dtype=a.dtype, device=a.device)
+            return torch.ones(1, 1, dtype=a.dtype, device=a.device), 1
         if t > 1 and approx == "reduce":
             a, rows = a.mean(dim=1), n
         else:
             a, rows = a.reshape(-1, d), n * t
         if self.bias:  # one copy, as reshaping a strided (convolution) input costs anyway
             a = F.pad(a, (0, 1), value=1.0)
-        return torch.mm(a.T, a).div_(rows)
+        return a, rows
 
-    def output_factor(self, approx: str = "expand") -> Tensor:
-        """G (see the module docstring)."""
+    def input_factor(self, approx: str = "expand") -> Tensor:
+        """Return the input factor A (see the module docstring)."""
+        X, rows = self.input_rows(approx)
+        return torch.mm(X.T, X).div_(rows)
+
+    def output_rows(self, approx: str = "expand") -> Tensor:
+        """Return Y with G = YᵀY: the backpropagated cotangent rows (summed over positions for "reduce")."""
         g = self.grads
         if g.shape[2] > 1 and approx == "reduce":
             g = g.sum(dim=2)
-        g = g.reshape(-1, g.shape[-1])
-        return g.T @ g
+        return g.reshape(-1, g.shape[-1])
+
+    def output_factor(self, approx: str = "expand") -> Tensor:
+        """Return the output factor G (see the module docstring)."""
+        Y = self.output_rows(approx)
+        return Y.T @ Y
 
     def eigen_second_moments(self, Q_A: Tensor, Q_G: Tensor) -> Tensor:
         """S*_ij = Σ_n Σ_k ((Q_Gᵀ V_nk Q_A)_ij)², V_nk = Σ_t g_nkt a_ntᵀ (George et al. 2018), (p, q).

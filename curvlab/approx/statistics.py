@@ -47,28 +47,24 @@ def _trace_factor(tr_F: Tensor | float, A: Tensor, G: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- per method
-def _kfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
-    return {"A": p.input_factor(approx), "G": p.output_factor(approx)}
+# Each method's statistics are the factor Gram matrices it names (``grams``: "A" = the piece's
+# input_factor, "G" = its output_factor) plus, for some, further statistics (``extra``).
+def _tkfac_extra(p: KronPiece, approx: str, basis: Basis | None, grams: Stats) -> Stats:
+    return {"trace": p.exact_trace()}
+
+
+def _eigen_extra(p: KronPiece, approx: str, basis: Basis | None, grams: Stats) -> Stats:
+    (_, QA), (_, QG) = basis if basis is not None else kronecker_basis(grams["A"], grams["G"])
+    return {"S": p.eigen_second_moments(QA, QG)}  # Σ S = tr F
 
 
 def _kfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
     return Kron(s["A"], s["G"], bias=p.folded), {}
 
 
-def _tkfac_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
-    return {**_kfac_stats(p, approx, basis), "trace": p.exact_trace()}
-
-
 def _tkfac_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
     c = _trace_factor(s["trace"], s["A"], s["G"])
     return TraceKron(s["A"], s["G"], c, bias=p.folded), {"c": c, "trace": float(s["trace"])}
-
-
-def _eigen_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
-    stats = _kfac_stats(p, approx, basis)
-    (_, QA), (_, QG) = basis if basis is not None else kronecker_basis(stats["A"], stats["G"])
-    stats["S"] = p.eigen_second_moments(QA, QG)  # Σ S = tr F
-    return stats
 
 
 def _eigen_block(trace_factors: bool) -> Callable:
@@ -82,10 +78,6 @@ def _eigen_block(trace_factors: bool) -> Callable:
     return block
 
 
-def _foof_stats(p: KronPiece, approx: str, basis: Basis | None) -> Stats:
-    return {"A": p.input_factor(approx)}
-
-
 def _foof_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> tuple[CurvatureMatrix, dict]:
     return ForwardOnly(s["A"], p.d_out, bias=p.folded), {}
 
@@ -94,26 +86,57 @@ def _foof_block(s: Mapping[str, Tensor], p: KronPiece, basis: Basis | None) -> t
 class Family:
     """One Kronecker-family method: its batch statistics and its block.
 
-    ``statistics(piece, approx, basis)`` measures a batch; ``block(stats, piece, basis)`` builds the
-    block and its diagnostics; ``needs_basis``: the statistics depend on a Kronecker eigenbasis
-    (EKFAC's S*), given by ``basis`` (``None``: the batch's own factors'); ``uses_output``: the method
-    needs backward statistics (FOOF does not); ``structure``: the representation of its blocks.
+    ``statistics(piece, approx, basis)`` measures a batch: the factor Gram matrices named in ``grams``
+    ("A": :meth:`~curvlab.approx.factors.KronPiece.input_factor`, "G": ``output_factor``) and the
+    ``extra`` statistics, if any; ``accumulate`` averages them into running ones; ``block(stats,
+    piece, basis)`` builds the block and its diagnostics; ``needs_basis``: the statistics depend on a
+    Kronecker eigenbasis (EKFAC's S*), given by ``basis`` (``None``: the batch's own factors');
+    ``uses_output``: the method needs backward statistics (FOOF does not); ``structure``: the
+    representation of its blocks.
     """
 
     name: str
-    statistics: Callable[[KronPiece, str, Basis | None], Stats]
     block: Callable[[Mapping[str, Tensor], KronPiece, Basis | None], tuple[CurvatureMatrix, dict]]
     structure: str
+    grams: tuple[str, ...] = ("A", "G")
+    extra: Callable[[KronPiece, str, Basis | None, Stats], Stats] | None = None
     needs_basis: bool = False
     uses_output: bool = True
 
+    def statistics(self, p: KronPiece, approx: str, basis: Basis | None) -> Stats:
+        """Return the batch statistics of piece ``p``: its factor Gram matrices, then the extra ones."""
+        stats = {k: p.input_factor(approx) if k == "A" else p.output_factor(approx) for k in self.grams}
+        if self.extra is not None:
+            stats.update(self.extra(p, approx, basis, stats))
+        return stats
+
+    def accumulate(self, old: Stats | None, p: KronPiece, approx: str, basis: Basis | None,
+                   decay: float) -> Stats:
+        """Return ``average(old, self.statistics(p, approx, basis), decay)``, the Gram factors in one GEMM each.
+
+        A ← decay·A + (1 − decay)·XᵀX/r and G ← decay·G + (1 − decay)·YᵀY as one ``addmm`` each (X, r and
+        Y from :meth:`~curvlab.approx.factors.KronPiece.input_rows` / ``output_rows``), the extra
+        statistics by :func:`average` (a method whose extra statistics need the batch's own basis,
+        ``basis=None``, averages its plain statistics).
+        """
+        if old is None or (self.needs_basis and basis is None):
+            return average(old, self.statistics(p, approx, basis), decay)
+        new = {}
+        for k in self.grams:
+            X, r = p.input_rows(approx) if k == "A" else (p.output_rows(approx), 1)
+            new[k] = torch.addmm(old[k], X.T, X, beta=decay, alpha=(1.0 - decay) / r)
+        if self.extra is not None:
+            extra = self.extra(p, approx, basis, new)
+            new.update(average({k: old[k] for k in extra}, extra, decay))
+        return new
+
 
 FAMILIES: dict[str, Family] = {
-    "kfac": Family("kfac", _kfac_stats, _kfac_block, "kron"),
-    "tkfac": Family("tkfac", _tkfac_stats, _tkfac_block, "trace_kron"),
-    "ekfac": Family("ekfac", _eigen_stats, _eigen_block(False), "eigen_kron", needs_basis=True),
-    "tekfac": Family("tekfac", _eigen_stats, _eigen_block(True), "eigen_kron", needs_basis=True),
-    "foof": Family("foof", _foof_stats, _foof_block, "forward_only", uses_output=False),
+    "kfac": Family("kfac", _kfac_block, "kron"),
+    "tkfac": Family("tkfac", _tkfac_block, "trace_kron", extra=_tkfac_extra),
+    "ekfac": Family("ekfac", _eigen_block(False), "eigen_kron", extra=_eigen_extra, needs_basis=True),
+    "tekfac": Family("tekfac", _eigen_block(True), "eigen_kron", extra=_eigen_extra, needs_basis=True),
+    "foof": Family("foof", _foof_block, "forward_only", grams=("A",), uses_output=False),
 }
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 import curvlab.exact as exact
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
-from curvlab.approx.statistics import FAMILIES, Basis, average, kronecker_basis
+from curvlab.approx.statistics import FAMILIES, Basis, kronecker_basis
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
@@ -154,8 +154,8 @@ class KroneckerPreconditioner(Preconditioner):
         for plan in col.plans:
             for p in plan.pieces or ():
                 key = self._key(p)
-                stats = self.family.statistics(p, self.approx, self._basis.get(key))
-                self._stats[key] = average(self._stats.get(key), stats, self.ema_decay)
+                self._stats[key] = self.family.accumulate(self._stats.get(key), p, self.approx, self._basis.get(key),
+                                                          self.ema_decay)
 
     def _rebasis(self, col: Collection) -> None:
         """EKFAC/TEKFAC: the eigenbasis of the averaged factors, and S* restarted in it on this batch."""
