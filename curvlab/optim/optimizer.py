@@ -88,12 +88,10 @@ class _BatchOptimizer(torch.optim.Optimizer):
         return torch.cat([p.detach().reshape(-1) for g in self.param_groups for p in g["params"]])
 
     def _set_theta(self, theta: Tensor) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        pieces = torch.split(theta, [p.numel() for p in params])
         with torch.no_grad():
-            i = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.copy_(theta[i:i + p.numel()].view_as(p))
-                    i += p.numel()
+            torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(pieces, params)])
 
     def problem(self, X: Tensor, y: Tensor) -> Problem:
         """Return the minibatch as a :class:`~curvlab.Problem` at the model's current parameters."""
@@ -170,7 +168,7 @@ class CurvatureOptimizer(_BatchOptimizer):
             self._buffer = g.clone() if self._buffer is None or mu == 0 else mu * self._buffer + (1 - mu) * g
             return self._clipped(self.preconditioner.direction(self._buffer), g)
         d = self._clipped(self.preconditioner.direction(g), g)
-        self._buffer = d if self._buffer is None or mu == 0 else mu * self._buffer + d
+        self._buffer = d if self._buffer is None or mu == 0 else torch.add(d, self._buffer, alpha=mu)
         return self._buffer
 
     def _clipped(self, d: Tensor, g: Tensor) -> Tensor:
@@ -179,7 +177,7 @@ class CurvatureOptimizer(_BatchOptimizer):
             quad = self.lr**2 * abs(float(d @ g))
             if quad > self.kl_clip:
                 self.last_clip = math.sqrt(self.kl_clip / quad)
-        return d * self.last_clip
+        return d if self.last_clip == 1.0 else d * self.last_clip
 
     def step(self, X: Tensor | None = None, y: Tensor | None = None, closure: Callable | None = None) -> float:
         """One update on the minibatch (X, y) (or the (X, y) a closure returns); returns the batch loss."""
@@ -195,7 +193,7 @@ class CurvatureOptimizer(_BatchOptimizer):
             g = g + tau * batch.theta
         self.preconditioner.update(curvature_batch, self.steps_taken)
         d = self._momentum_direction(g)
-        theta = batch.theta + self.lr * d
+        theta = torch.add(batch.theta, d, alpha=self.lr)
         self._set_theta(theta)
         self.preconditioner.after_step(batch, theta)
         self._last_direction, self.last_loss = d, loss
