@@ -450,3 +450,20 @@ def test_accumulate_is_the_average_of_the_batch_statistics(name, method, approx)
         assert set(fused) == set(ref)
         for k in ref:
             assert rel(fused[k], ref[k]) < EXACT, (p1.name, k)
+
+
+# ---------------------------------------------------------------------------------------------- exact NG
+@pytest.mark.parametrize("method", ["ng", "ng-block"])
+@pytest.mark.parametrize("fisher", ["fisher_mc", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("prob_name", ["digits-mlp", "digits-autoencoder", "layernorm", "layer-applied-twice"])
+def test_fused_exact_natural_gradient_takes_the_two_pass_step(method, fisher, prob_name):
+    """ng's Fisher pass also gives the loss and gradient (a plain model call where every parameter sits in a
+    layer called once; the generic rows otherwise): the same trajectory with one pass per step fewer."""
+    options = {"fisher": fisher, "inverse_period": 2 if method == "ng" else 1, "damping": 0.1, "lr": 0.5}
+    fused, loss_f, fw_f = _trajectory(method, True, prob_name=prob_name, **options)
+    plain, loss_p, fw_p = _trajectory(method, False, prob_name=prob_name, **options)
+    for a, b in zip(fused, plain):
+        assert rel(a, b) < EXACT
+    assert loss_f == pytest.approx(loss_p, rel=EXACT)
+    rebuilds = range(1, 5) if method == "ng-block" else (2, 4)
+    assert all(fw_f[i] < fw_p[i] for i in rebuilds), (fw_f, fw_p)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from curvlab.capture import capture, output_cotangents
+from curvlab.capture import Capture, capture, output_cotangents
 from curvlab.exact import hessian as _hessian
 from curvlab.exact.low_rank import block_low_rank_from_capture, low_rank_from_capture
 from curvlab.exact.outer import block_from_capture, dense_from_capture, diag_from_capture
@@ -28,7 +28,7 @@ from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 from curvlab.vocabulary import Curvature, curvature, mc_samples_of
 
-__all__ = ["hessian", "ggn", "fisher_mc", "empirical_fisher", "STRUCTURES", "KINDS"]
+__all__ = ["hessian", "ggn", "fisher_mc", "empirical_fisher", "from_capture", "STRUCTURES", "KINDS"]
 
 STRUCTURES = ("full", "block", "diag", "operator", "low_rank", "block_low_rank")
 #: structures built from the factor rows of a sum of outer products (not for the Hessian)
@@ -49,7 +49,15 @@ def _check(prob: Problem, structure: str, theta: Tensor | None) -> Tensor | None
 
 def _from_cotangents(prob: Problem, structure: str, cotangents: Callable[[Tensor], Tensor],
                      theta: Tensor | None) -> CurvatureMatrix:
-    cap = capture(prob, cotangents, theta)
+    return from_capture(prob, structure, capture(prob, cotangents, theta))
+
+
+def from_capture(prob: Problem, structure: str, cap: Capture) -> CurvatureMatrix:
+    """Return Σ_n Σ_k u_nk u_nkᵀ of a capture covering all of θ in ``structure`` (not ``"operator"``).
+
+    The rows u_nk are the capture's per-sample parameter gradients of its output cotangents (for
+    :func:`ggn`, :func:`fisher_mc`, :func:`empirical_fisher`: :func:`curvlab.capture.output_cotangents`).
+    """
     if structure == "full":
         return dense_from_capture(cap, prob.num_params)
     if structure == "block":

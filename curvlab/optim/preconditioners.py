@@ -25,6 +25,7 @@ import curvlab.exact as exact
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
 from curvlab.approx.statistics import FAMILIES, Basis, kronecker_basis
+from curvlab.capture import output_cotangents
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
@@ -233,12 +234,44 @@ class ExactPreconditioner(Preconditioner):
     """
 
     def __init__(self, kind: str, structure: str, damping: float, fisher: str = "type2", mc_samples: int = 1,
-                 seed: int = 0, inverse_period: int = 1, hessian_rule: str = "exact") -> None:
+                 seed: int = 0, inverse_period: int = 1, hessian_rule: str = "exact",
+                 fused_gradient: bool = True) -> None:
         super().__init__(damping)
         self.kind, self.structure, self.fisher = kind, structure, fisher
         self.mc_samples, self.seed, self.inverse_period = mc_samples, seed, inverse_period
         self.hessian_rule = hessian_rule
+        self.fused_gradient = fused_gradient
         self._matrix: CurvatureMatrix | None = None
+        self._pending: tuple[Problem, int, CurvatureMatrix] | None = None
+
+    def _rebuilds(self, step: int) -> bool:
+        return self._matrix is None or step % self.inverse_period == 0
+
+    def loss_and_gradient(self, batch: Problem, step: int = 0,
+                          curvature_batch: Problem | None = None) -> tuple[float, Tensor] | None:
+        """Return the loss and gradient from the pass that builds this step's Fisher (kept for ``update``).
+
+        On the steps that rebuild a Fisher-type matrix from the step batch itself, the loss's output
+        cotangent joins that pass's cotangents (:func:`curvlab.capture.capture_with_gradient`; a plain
+        call of the model when every parameter sits in a structured layer, its precondition checked);
+        None otherwise (the Hessian, other steps, another curvature batch: the optimizer's gradient pass).
+        """
+        from curvlab.capture import capture_with_gradient
+        from curvlab.exact.curvature import from_capture
+        from curvlab.layers import survey
+
+        self._pending = None
+        same = curvature_batch is None or curvature_batch is batch
+        if self.kind == "hessian" or not (self.fused_gradient and same and self._rebuilds(step)):
+            return None
+        cot = output_cotangents(batch, self.fisher, self.mc_samples, self.seed + step)
+        row = batch.loss_scale**0.5 if self.fisher == "empirical" else None  # ∇_f L = √R × its cotangent
+        generic = bool(survey(batch).generic_parameters(batch.param_names))
+        cap, loss, grad = capture_with_gradient(batch, cot, generic=generic, loss_row=row, plain=not generic)
+        if grad is None:  # a layer called more than once on these data: the generic rows cover it
+            cap, loss, grad = capture_with_gradient(batch, cot, generic=True, loss_row=row)
+        self._pending = (batch, step, from_capture(batch, self._structure(batch), cap))
+        return float(loss), grad
 
     def _structure(self, batch: Problem) -> str:
         """Return the structure to build: the low-rank form while its rows are fewer, else dense.
@@ -271,8 +304,10 @@ class ExactPreconditioner(Preconditioner):
 
         See :meth:`Preconditioner.update`.
         """
-        if self._matrix is None or step % self.inverse_period == 0:
-            self._matrix = self._build(batch, step)
+        if self._rebuilds(step):
+            pending, self._pending = self._pending, None
+            fused = pending is not None and pending[0] is batch and pending[1] == step
+            self._matrix = pending[2] if fused else self._build(batch, step)
 
     def direction(self, g: Tensor) -> Tensor:
         """Return −(C + λI)⁻¹g, the exact matrix's damped direction."""
