@@ -148,16 +148,19 @@ class Capture:
 FISHER_TYPES = ("type2", "mc", "empirical")
 
 
-def sampled_output_grads(prob: Problem, f: Tensor, samples: int, seed: int) -> Tensor:
+def sampled_output_grads(prob: Problem, f: Tensor, samples: int, seed: int, data: bool = False) -> Tensor:
     """∇_f ℓ_n at ``samples`` labels drawn from the model's predictive, shape (samples, N, *out).
 
     Draws come from a ``torch.Generator`` seeded with ``seed``: the oracle's ``fisher_mc`` and
-    KFAC's ``fisher="mc"`` with the same seed see the same labels.
+    KFAC's ``fisher="mc"`` with the same seed see the same labels. ``data=True`` appends ∇_f ℓ_n at
+    the problem's labels y_n (one more row, from the same evaluation of the likelihood).
     """
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer; got {samples!r}")
     gen = torch.Generator(device=f.device)
     gen.manual_seed(int(seed))
+    if data:
+        return prob.likelihood.sampled_and_data_grad_output(f, samples, gen, prob.y)
     return prob.likelihood.sampled_grad_output(f, samples, gen)
 
 
@@ -194,7 +197,17 @@ def output_cotangents(prob: Problem, fisher: str, samples: int = 1, seed: int = 
     if fisher == "mc":
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ValueError(f"samples must be a positive integer; got {samples!r}")
-        return lambda f: (R / samples) ** 0.5 * sampled_output_grads(prob, f, samples, seed)
+        def mc(f: Tensor) -> Tensor:
+            return (R / samples) ** 0.5 * sampled_output_grads(prob, f, samples, seed)
+
+        def mc_with_loss(f: Tensor) -> Tensor:  # [U; ∇_f L], both from one evaluation of the likelihood
+            shape = (samples + 1,) + (1,) * f.ndim
+            scale = torch.full(shape, (R / samples) ** 0.5, dtype=f.dtype, device=f.device)
+            scale[-1] = R
+            return sampled_output_grads(prob, f, samples, seed, data=True) * scale
+
+        mc.with_loss = mc_with_loss  # type: ignore[attr-defined]  # used by capture_with_gradient
+        return mc
     if fisher == "empirical":
         if per == "position":
             t = lik.positions(torch.empty((1, *prob.output_shape), device="meta"))
@@ -623,7 +636,9 @@ def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor],
                           loss_row: float | None = None, plain: bool = False) -> tuple[Capture, Tensor, Tensor | None]:
     """:func:`capture` plus the batch loss L(θ) and its gradient ∇L(θ) from the same two passes.
 
-    The loss's output cotangent ∇_f L (:func:`loss_cotangent`) is appended to ``cotangents(f)``, so the
+    The loss's output cotangent ∇_f L (:func:`loss_cotangent`) is appended to ``cotangents(f)`` (by
+    ``cotangents.with_loss(f)`` where the cotangents offer it: the Monte-Carlo ones of
+    :func:`output_cotangents` draw their labels and take ∇_f L from one evaluation), so the
     batched backward pass backpropagates it with the others (a plain backward pass when ``cotangents``
     gives none); the gradient is read off the captured pieces (:func:`_take_gradient`) and that
     cotangent dropped, so the :class:`Capture` is exactly :func:`capture`'s. When ∇_f L is already
@@ -638,6 +653,8 @@ def capture_with_gradient(prob: Problem, cotangents: Callable[[Tensor], Tensor],
     def fused(f: Tensor) -> Tensor:
         U = cotangents(f)
         return torch.cat([U, grad_output(f)[None].to(U.dtype)])
+
+    fused = getattr(cotangents, "with_loss", fused)  # the cotangents' own [U; ∇_f L] (output_cotangents' "mc")
 
     theta = prob.theta if theta is None else theta
     cot = cotangents if loss_row is not None else fused

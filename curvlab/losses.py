@@ -114,6 +114,12 @@ class Likelihood:
         ys = self.sample(f, m, generator)
         return self.grad_output(f, ys)  # every grad_output broadcasts over a leading sample axis
 
+    def sampled_and_data_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None,
+                                     y: Tensor) -> Tensor:
+        """Return :meth:`sampled_grad_output` (the same draws) with ∇_f ℓ_n(y_n) appended; shape (m + 1, *f.shape)."""
+        ys = self.sample(f, m, generator)
+        return self.grad_output(f, torch.cat([ys, y[None].to(ys.dtype)]))
+
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         """Return the user's loss R Σ_n ℓ_n (equals ``loss_fn(f, y)``)."""
         return self.per_sample(f, y).sum() * self.scale(f)
@@ -235,6 +241,13 @@ class CrossEntropy(Likelihood):
         # the same draws as sample(), with the softmax computed once: p − onehot(ŷ_s)
         p = torch.softmax(f, dim=1)
         ys = self._draw(p, m, generator)
+        return p[None] - _one_hot(ys, f.shape[1], 2, p.dtype)
+
+    def sampled_and_data_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None,
+                                     y: Tensor) -> Tensor:
+        """Return p − onehot(·) at the m labels of :meth:`sampled_grad_output`, then at y; (m + 1, *f.shape)."""
+        p = torch.softmax(f, dim=1)
+        ys = torch.cat([self._draw(p, m, generator), y[None]])
         return p[None] - _one_hot(ys, f.shape[1], 2, p.dtype)
 
 

@@ -220,3 +220,25 @@ def test_elementwise_losses_check(loss):
             lik.check(f, torch.tensor([[0.0, 1.5, 0.0]] * 4, dtype=torch.float64))
         with pytest.raises(ValueError, match="target -0.5 is outside"):
             lik.check(f, torch.tensor([[0.0, -0.5, 0.0]] * 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss,shape", SHAPES + [("ce", (4, 3))])
+def test_sampled_and_data_grad_output_is_the_sampled_rows_then_the_data_row(loss, shape):
+    """The same draws as sampled_grad_output (same generator seed), then ∇_f ℓ_n at the data labels."""
+    f, y = _data(loss, shape) if shape != (4, 3) else (torch.randn(5, 4, 3, dtype=torch.float64),
+                                                       torch.randint(0, 4, (5, 3)))
+    lik = likelihood_for(LOSSES[loss]())
+    both = lik.sampled_and_data_grad_output(f, 3, torch.Generator().manual_seed(11), y)
+    assert both.shape == (4, *f.shape)
+    close(both[:3], lik.sampled_grad_output(f, 3, torch.Generator().manual_seed(11)), 0.0)
+    close(both[3], lik.grad_output(f, y), 1e-15)
+
+
+def test_monte_carlo_cotangents_with_the_loss_row_are_the_two_concatenated():
+    import curvlab as cl
+    from curvlab.capture import loss_cotangent, output_cotangents
+
+    prob = cl.problems.load("digits-mlp", n=16)
+    f = prob.model(prob.X).detach()
+    cot = output_cotangents(prob, "mc", 2, 5)
+    close(cot.with_loss(f), torch.cat([cot(f), loss_cotangent(prob)(f)[None]]), 1e-15)
