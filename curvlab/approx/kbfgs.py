@@ -217,11 +217,16 @@ def _skip_reason_from(ss: float, sy: float, vv: float, threshold: float) -> str 
 
 
 def _bfgs_update_from(H: Tensor, s: Tensor, Hy: Tensor, sy: float, yHy: float) -> Tensor:
-    """:func:`bfgs_inverse_update` given Hy, sᵀy > 0 and yᵀHy (no checks, no host transfer)."""
+    """:func:`bfgs_inverse_update` given Hy, sᵀy > 0 and yᵀHy (no checks, no host transfer).
+
+    H⁺ = H + (ρ + ρ² yᵀHy) s sᵀ − ρ (s (Hy)ᵀ + Hy sᵀ) = H + U C Uᵀ with U = [s Hy] and
+    C = [[ρ + ρ² yᵀHy, −ρ], [−ρ, 0]]: one small product and one ``addmm``, then symmetrised.
+    """
     rho = 1.0 / sy
-    M = torch.outer(Hy, s)
-    out = H + (rho + rho * rho * yHy) * torch.outer(s, s) - rho * (M + M.T)
-    return (out + out.T) / 2
+    U = torch.stack([s, Hy], dim=1)  # (d, 2)
+    C = torch.tensor([[rho + rho * rho * yHy, -rho], [-rho, 0.0]], dtype=H.dtype, device=H.device)
+    out = torch.addmm(H, U @ C, U.T)
+    return torch.add(out, out.T).mul_(0.5)
 
 
 def _double_damping_from(s: Tensor, y: Tensor, Hy: Tensor, gram: list[list[float]], mu1: float,
@@ -431,8 +436,9 @@ class KBFGSLayerState:
             raise ValueError(f"layer {self.name!r}: the input factor must be {self.d_in}×{self.d_in}; got "
                              f"{tuple(A_batch.shape)}")
         A_batch = A_batch.to(self.dtype)
-        self.A = A_batch.clone() if self.A is None else decay * self.A + (1 - decay) * A_batch
-        self.A_LM = self.A + math.sqrt(damping) * torch.eye(self.d_in, dtype=self.dtype, device=self.A.device)
+        self.A = A_batch.clone() if self.A is None else torch.lerp(self.A, A_batch, 1 - decay)  # βA + (1 − β)A_batch
+        self.A_LM = self.A.clone()
+        self.A_LM.diagonal().add_(math.sqrt(damping))
         if self.H_a is None:
             self.H_a = _spd_inverse(self.A_LM, f"layer {self.name!r}: A + √λI")
 
