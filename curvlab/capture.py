@@ -30,6 +30,7 @@ independently (no batch statistics): :class:`~curvlab.Problem` rejects batch nor
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ from curvlab.vocabulary import fisher_type
 __all__ = ["LayerIO", "Capture", "capture", "recording", "supported_layers", "per_sample_jacobian_rows", "FISHER_TYPES",
            "EF_PER", "output_cotangents", "sampled_output_grads", "AutodiffPath", "Trial", "autodiff_path",
            "rows_path", "ROWS_PATHS", "loss_cotangent", "capture_with_gradient", "capture_plain",
-           "layer_piece", "model_holds_theta"]
+           "layer_piece", "model_holds_theta", "note_model_holds", "forget_model_holds"]
 
 
 @dataclass
@@ -562,10 +563,45 @@ def capture(prob: Problem, cotangents: Callable[[Tensor], Tensor], theta: Tensor
     return Capture(pieces, f.detach(), prob.X.shape[0])
 
 
+#: model → (θ, θ's version, its parameters' signature) noted by the one that just made them equal
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(params: list[Tensor]) -> tuple:
+    """Return what changes when a parameter is replaced, written in place (version counter) or given new storage."""
+    return tuple((id(p), p._version, p.data_ptr()) for p in params)
+
+
+def _trainable(model: nn.Module) -> list[Tensor]:
+    return [p for _, p in model.named_parameters() if p.requires_grad]
+
+
+def note_model_holds(model: nn.Module, theta: Tensor) -> None:
+    """Record that the model's trainable parameters equal θ now (the caller has just written or read them).
+
+    :func:`model_holds_theta` then answers from the parameters' version counters and storage instead of
+    comparing values, until :func:`forget_model_holds`. Writes that bypass the version counter (in place
+    through ``.data``) go unseen, so a note is meant to live only as long as one optimizer step.
+    """
+    _HELD[model] = (weakref.ref(theta), theta._version, _signature(_trainable(model)))
+
+
+def forget_model_holds(model: nn.Module) -> None:
+    """Drop the note of :func:`note_model_holds` (the end of an optimizer step)."""
+    _HELD.pop(model, None)
+
+
 def model_holds_theta(prob: Problem, theta: Tensor | None = None) -> bool:
-    """Whether the model's own trainable parameters equal θ (default ``prob.theta``): one concatenation."""
+    """Whether the model's own trainable parameters equal θ (default ``prob.theta``).
+
+    Answered from a note of :func:`note_model_holds` for this very θ when neither θ nor a parameter has
+    changed since (version counters, storage); otherwise by one concatenation and comparison.
+    """
     theta = prob.theta if theta is None else theta
-    params = [p for _, p in prob.model.named_parameters() if p.requires_grad]
+    params = _trainable(prob.model)
+    held = _HELD.get(prob.model)
+    if held is not None and held[0]() is theta and held[1] == theta._version and held[2] == _signature(params):
+        return True
     if sum(p.numel() for p in params) != theta.numel():
         return False
     flat = torch.cat([p.detach().reshape(-1) for p in params])

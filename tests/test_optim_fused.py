@@ -467,3 +467,31 @@ def test_fused_exact_natural_gradient_takes_the_two_pass_step(method, fisher, pr
     assert loss_f == pytest.approx(loss_p, rel=EXACT)
     rebuilds = range(1, 5) if method == "ng-block" else (2, 4)
     assert all(fw_f[i] < fw_p[i] for i in rebuilds), (fw_f, fw_p)
+
+
+def test_a_noted_theta_is_trusted_only_while_nothing_changed():
+    """note_model_holds lets model_holds_theta skip the comparison; any change of a parameter (in place,
+    new storage, replaced) or of θ sends it back to comparing values; the optimizer leaves no note."""
+    from curvlab.capture import _HELD, forget_model_holds, model_holds_theta, note_model_holds
+
+    prob = PROBLEMS["digits-mlp"]()
+    theta = prob.theta
+    wrong = theta + 1.0
+    note_model_holds(prob.model, wrong)  # a false note: trusted while nothing changes …
+    assert model_holds_theta(prob, wrong)
+    w = prob.model[0].weight
+    with torch.no_grad():
+        w.add_(0.0)  # … an in-place write (version counter) sends it back to the comparison
+    assert not model_holds_theta(prob, wrong) and model_holds_theta(prob, theta)
+    note_model_holds(prob.model, wrong)
+    w.data = w.data.clone()  # new storage, same version counter
+    assert not model_holds_theta(prob, wrong)
+    note_model_holds(prob.model, wrong)
+    wrong.add_(0.0)  # θ itself written in place
+    assert not model_holds_theta(prob, wrong)
+    note_model_holds(prob.model, wrong)
+    forget_model_holds(prob.model)
+    assert not model_holds_theta(prob, wrong)
+    opt = optim.make("kfac", PROBLEMS["digits-mlp"]().model, prob.loss_fn, lr=0.05)
+    opt.step(prob.X, prob.y)
+    assert opt.model not in _HELD

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.capture import forget_model_holds, note_model_holds
 from curvlab.linalg import CurvatureMatrix, Diagonal
 from curvlab.linalg.base import all_finite
 from curvlab.optim.preconditioners import Preconditioner
@@ -180,9 +181,20 @@ class CurvatureOptimizer(_BatchOptimizer):
         return d if self.last_clip == 1.0 else d * self.last_clip
 
     def step(self, X: Tensor | None = None, y: Tensor | None = None, closure: Callable | None = None) -> float:
-        """One update on the minibatch (X, y) (or the (X, y) a closure returns); returns the batch loss."""
+        """One update on the minibatch (X, y) (or the (X, y) a closure returns); returns the batch loss.
+
+        Within the step the model's parameters are noted to hold the batch's θ, then the new θ
+        (:func:`curvlab.capture.note_model_holds`), so the plain passes need not compare them.
+        """
+        try:
+            return self._step(X, y, closure)
+        finally:
+            forget_model_holds(self.model)
+
+    def _step(self, X: Tensor | None, y: Tensor | None, closure: Callable | None) -> float:
         X, y = self._batch(X, y, closure)
         batch = self.problem(X, y)
+        note_model_holds(self.model, batch.theta)  # batch.theta was just read off the parameters
         curvature_batch = self._curvature_batch(batch)
         loss, g = self._gradient(batch, curvature_batch)
         if not math.isfinite(loss) or not all_finite(g):
@@ -195,6 +207,7 @@ class CurvatureOptimizer(_BatchOptimizer):
         d = self._momentum_direction(g)
         theta = torch.add(batch.theta, d, alpha=self.lr)
         self._set_theta(theta)
+        note_model_holds(self.model, theta)
         self.preconditioner.after_step(batch, theta)
         self._last_direction, self.last_loss = d, loss
         self.steps_taken += 1
