@@ -288,3 +288,23 @@ def test_float32_kronecker_methods_take_their_default_damping(method):
     ds = optim.train(prob, method, steps=12, batch_size=128, progress=False,
                      **({"inverse_period": 1, "ema_decay": 0.0} if method == "ekfac" else {}))
     assert bool(torch.isfinite(torch.as_tensor(ds["loss"].values)).all())
+
+
+def test_a_non_finite_update_raises_before_the_model_changes():
+    """A direction that overflows (or non-finite statistics in the solve) raises FloatingPointError naming the
+    method and step, and leaves the model's parameters as they were."""
+    prob = cl.problems.load("digits-mlp", n=64)
+    for failure in ("direction", "statistics"):
+        model = cl.problems.load("digits-mlp", n=64).model
+        opt = optim.make("kfac", model, prob.loss_fn, lr=0.05)
+        opt.step(prob.X[:32], prob.y[:32])
+        before = opt.theta()
+        if failure == "direction":
+            opt.preconditioner.direction = lambda g: torch.full_like(g, float("inf"))
+        else:
+            def overflow(g):
+                raise FloatingPointError("EigenKron: its damped eigenvalues are not finite")
+            opt.preconditioner.direction = overflow
+        with pytest.raises(FloatingPointError, match="kfac.*step 1"):
+            opt.step(prob.X[32:], prob.y[32:])
+        assert torch.equal(opt.theta(), before), failure

@@ -72,7 +72,7 @@ def _eigen_block(trace_factors: bool) -> Callable:
         (eA, QA), (eG, QG) = basis if basis is not None else kronecker_basis(s["A"], s["G"])
         denom = float(eA.sum() * eG.sum())
         c = float(s["S"].sum()) / denom if denom > 0 else 1.0
-        E = EigenKron(QA, QG, s["S"], p.folded, (eA, c * eG if trace_factors else eG))
+        E = EigenKron(QA, QG, s["S"], p.folded, (eA, c * eG if trace_factors else eG), squares=True)
         return E, ({"c": c} if trace_factors else {"kfac_trace_ratio": 1.0 / c if c else float("inf")})
 
     return block

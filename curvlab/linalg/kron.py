@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from curvlab import memory
-from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh, check_damping, singular_tolerance
+from curvlab.linalg.base import CurvatureMatrix, Damping, Eigh, all_finite, check_damping, singular_tolerance
 from curvlab.linalg.dense import Dense
 from curvlab.linalg.layout import KronLayout
 
@@ -152,13 +152,18 @@ class EigenKron(KroneckerFactored):
         :class:`Kron`, ``Kron.eigen()``): the damped eigenvalues are then products of damped factor
         eigenvalues, and the singularity test uses their rounding errors (see
         :meth:`_checked_denominators`).
+    squares:
+        S is a sum of squared projections onto this very basis, S_ij = Σ_n ((Q_Gᵀ V_n Q_A)_ij)² (EKFAC's
+        second moments, George et al. 2018): nonnegative, and its rounding errors follow from the
+        rotations (see :meth:`_checked_denominators`).
 
     Used for KFAC's eigendecomposition (``Kron.eigen()``), EKFAC (George et al. 2018), TEKFAC and
     the inverses of all of them.
     """
 
     def __init__(self, Q_A: Tensor, Q_G: Tensor, S: Tensor, bias: bool = False,
-                 factor_eigenvalues: tuple[Tensor, Tensor] | None = None, product: bool = False) -> None:
+                 factor_eigenvalues: tuple[Tensor, Tensor] | None = None, product: bool = False,
+                 squares: bool = False) -> None:
         q, p = Q_A.shape[0], Q_G.shape[0]
         if Q_A.shape != (q, q) or Q_G.shape != (p, p):
             raise ValueError(f"Q_A and Q_G must be square; got {tuple(Q_A.shape)} and {tuple(Q_G.shape)}")
@@ -176,7 +181,7 @@ class EigenKron(KroneckerFactored):
         if product and factor_eigenvalues is None:
             raise ValueError("product=True needs the factor eigenvalues (S = λ_G λ_Aᵀ)")
         self.factor_eigenvalues = factor_eigenvalues
-        self.product = bool(product)
+        self.product, self.squares = bool(product), bool(squares)
 
     @property
     def structure(self) -> str:
@@ -224,23 +229,40 @@ class EigenKron(KroneckerFactored):
         τ_ij = √q·ε·max|λ^A|·(|λ^G_i| + δ_G) + √p·ε·max|λ^G|·(|λ^A_j| + δ_A). That refuses exactly where a
         damped factor is itself numerically singular (to within a factor 2) or where the undamped product
         cancels λ, and accepts a usable system whose smallest d_ij merely lies below √n·ε·max|S| (a
-        float32 KFAC block of 5,000 entries with δ_A = δ_G = 0.01).
+        float32 KFAC block of 5,000 entries with δ_A = δ_G = 0.01). For a sum of squared projections
+        (``squares``) a projection computed with error ε'‖v‖ (ε' = √n·ε) makes S_ij's error at most
+        √n·ε·S_ij + 2ε'·√(S_ij·ΣS) + ε'²·ΣS (Cauchy–Schwarz over the samples), to which the factored modes
+        add the factor eigenvalues' errors times the other factor's damping: an S_ij = 0 is refused
+        undamped and accepted with any damping far above ε'²·ΣS (EKFAC refused λ = 1e-2 in float32 on
+        digits-cnn under √n·ε·max|S|).
         """
         key = ("denominators", mode, damping if not isinstance(damping, list) else tuple(damping))
         if key in self._cache:
             return self._cache[key]
         d = self._denominators(damping, mode)
-        if self.product:
+        if not all_finite(d):
+            raise FloatingPointError(f"{type(self).__name__}: its damped eigenvalues are not finite (NaN or inf: "
+                                     "statistics that overflowed or came from non-finite data); nothing to solve")
+        factored = mode != "exact" and self.factor_eigenvalues is not None
+        if self.product or (self.squares and factored):
             eA, eG = self.factor_eigenvalues
-            dA, dG = (0.0, 0.0) if mode == "exact" else factor_damping(mode, damping, eA, eG)
+            dA, dG = factor_damping(mode, damping, eA, eG) if factored else (0.0, 0.0)
             tA = singular_tolerance(float(eA.abs().max()), eA.numel(), self.dtype)
             tG = singular_tolerance(float(eG.abs().max()), eG.numel(), self.dtype)
+        if self.product:
             tol = tA * (eG.abs() + abs(dG))[:, None] + tG * (eA.abs() + abs(dA))[None, :]
+        elif self.squares:
+            eps = singular_tolerance(1.0, self.S.numel(), self.dtype)  # ε' = √n·ε
+            total = float(self.S.sum())
+            tol = eps * self.S + 2 * eps * (self.S.clamp(min=0) * total).sqrt() + eps * eps * total
+            if factored:
+                tol = tol + (tA * abs(dG) + tG * abs(dA))
         else:
             tol = torch.full_like(d, singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype))
         if bool((d.abs() <= tol).any()):
             k = int(torch.argmin(d.abs() - tol))
-            rule = "the rounding error of the damped factor eigenvalues' product" if self.product else "√n·ε·scale"
+            rule = ("the rounding error of the damped factor eigenvalues' product" if self.product else
+                    "the rounding error of the squared projections" if self.squares else "√n·ε·scale")
             raise self.singular_error(damping, float(d.abs().reshape(-1)[k]), mode, float(tol.reshape(-1)[k]), rule)
         self._cache[key] = d
         return d
@@ -277,7 +299,7 @@ class EigenKron(KroneckerFactored):
         fe = self.factor_eigenvalues
         if fe is not None:
             fe = (fe[0], alpha * fe[1])
-        return EigenKron(self.Q_A, self.Q_G, alpha * self.S, self.bias, fe, self.product)
+        return EigenKron(self.Q_A, self.Q_G, alpha * self.S, self.bias, fe, self.product, self.squares and alpha >= 0)
 
     def same_basis(self, other: EigenKron) -> bool:
         """Return whether ``other`` has the same layout and identical eigenbases Q_A and Q_G."""
@@ -292,7 +314,8 @@ class EigenKron(KroneckerFactored):
         if isinstance(other, EigenKron) and self.same_basis(other):
             fe = self._sum_factor_eigenvalues(other, sign)  # not None: the sum is one Kronecker product
             return EigenKron(self.Q_A, self.Q_G, self.S + sign * other.S.to(self.dtype), self.bias, fe,
-                             self.product and other.product and fe is not None)
+                             self.product and other.product and fe is not None,
+                             self.squares and getattr(other, "squares", False) and sign > 0)
         return None
 
     def _sum_factor_eigenvalues(self, other: EigenKron, sign: float) -> tuple[Tensor, Tensor] | None:

@@ -203,9 +203,16 @@ class CurvatureOptimizer(_BatchOptimizer):
         tau = self.param_groups[0]["weight_decay"]
         if tau:
             g = g + tau * batch.theta
-        self.preconditioner.update(curvature_batch, self.steps_taken)
-        d = self._momentum_direction(g)
+        try:
+            self.preconditioner.update(curvature_batch, self.steps_taken)
+            d = self._momentum_direction(g)
+        except FloatingPointError as e:  # non-finite statistics: the run has diverged
+            raise FloatingPointError(f"{self.method}: step {self.steps_taken}: {e}; lower the learning rate or "
+                                     "raise the damping") from e
         theta = torch.add(batch.theta, d, alpha=self.lr)
+        if not all_finite(theta):  # checked before the model is written: nothing half-done
+            raise FloatingPointError(f"{self.method}: the update is not finite at step {self.steps_taken} (the "
+                                     "curvature's solve overflowed); lower the learning rate or raise the damping")
         self._set_theta(theta)
         note_model_holds(self.model, theta)
         self.preconditioner.after_step(batch, theta)

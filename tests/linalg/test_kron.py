@@ -320,3 +320,44 @@ def test_a_float32_kronecker_block_with_small_factor_damping_is_accepted_and_acc
     assert float((K.inverse((0.01, 0.01), "factored") @ v - x).norm() / x.norm()) < 1e-4
     with pytest.raises(ValueError, match="singular"):  # undamped it is singular, and refused
         K.solve(v, (0.0, 0.0), "factored")
+
+
+def _squares_block(dtype: torch.dtype, big: float):
+    """EKFAC-like: S = Σ_n (Q_Gᵀ V_n Q_A)² of rank-one V_n = g aᵀ, the inputs a in the span of 3 columns of
+    Q_A (so the other 147 columns of S are zero up to rounding), one of them scaled by ``big``."""
+    gen = torch.Generator().manual_seed(7)
+    p, q = 32, 150
+    QA, QG = orth(q, 8), orth(p, 9)
+    c = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    c[:, 0] *= big
+    a = c @ QA[:, :3].T
+    g = torch.randn(40, p, generator=gen, dtype=torch.float64)
+    S = ((g @ QG) ** 2).T @ ((a @ QA) ** 2)  # S_ij = Σ_n (Q_Gᵀ g_n)_i² (Q_Aᵀ a_n)_j², (p, q)
+    return QA.to(dtype), QG.to(dtype), S.to(dtype)
+
+
+def test_a_sum_of_squared_projections_refuses_zero_moments_undamped_but_not_a_usable_damping():
+    """Regression (EKFAC on digits-cnn refused λ = 1e-2 in float32): S* is a sum of squares, known to
+    √n·ε·S + 2ε'√(S·ΣS) + ε'²ΣS; λ = 1e-2 far above that solves accurately even where λ < √n·ε·max S."""
+    QA, QG, S = _squares_block(torch.float32, 300.0)
+    E = EigenKron(QA, QG, S, bias=True, squares=True)
+    assert 1e-2 < math.sqrt(S.numel()) * torch.finfo(torch.float32).eps * float(S.max())  # the old rule refused
+    v = torch.randn(S.numel(), generator=torch.Generator().manual_seed(1))
+    x = E.solve(v, 1e-2)
+    E64 = EigenKron(QA.double(), QG.double(), S.double(), bias=True, squares=True)
+    ref = E64.solve(v.double(), 1e-2)
+    kappa = float((S.max() + 1e-2) / 1e-2)
+    assert float((x.double() - ref).norm() / ref.norm()) < kappa * torch.finfo(torch.float32).eps
+    for op in (lambda: E.solve(v, 0.0), lambda: E.inverse(0.0)):  # rank ≤ 3·32 of 4,800: singular undamped
+        with pytest.raises(ValueError, match="singular.*squared projections"):
+            op()
+    with pytest.raises(ValueError, match="√n·ε·scale"):  # without the flag: the general rule, as before
+        EigenKron(QA, QG, S, bias=True).solve(v, 1e-2)
+
+
+def test_non_finite_eigenvalues_raise_floating_point_error():
+    QA, QG, S = _squares_block(torch.float64, 1.0)
+    S[0, 0] = float("inf")
+    for flags in ({}, {"squares": True}):
+        with pytest.raises(FloatingPointError, match="not finite"):
+            EigenKron(QA, QG, S, **flags).solve(torch.ones(S.numel(), dtype=torch.float64), 0.1)
