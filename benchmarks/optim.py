@@ -51,8 +51,10 @@ What is measured
   first problem): the optimizer's phases and the largest self times.
 
 Targets (issue 10, digits-mlp, batch 128): K-BFGS ≤ 3×, KFAC with inverses every 10 steps ≤ 2×,
-``ng`` ≤ 10× an SGD step. The script prints whether they hold. The 1-minute load average
-(/proc/loadavg) is printed before and after each problem: the figures are only as quiet as the machine.
+``ng`` ≤ 10× an SGD step. The script prints whether they hold, next to the plain-torch floors of
+KFAC and K-BFGS (``benchmarks/floors.py``: the same steps written with nothing but their operations).
+The 1-minute load average (/proc/loadavg) is printed before and after each problem: the figures are
+only as quiet as the machine.
 """
 
 from __future__ import annotations
@@ -424,16 +426,41 @@ def bench_steps(name: str, args, dtype) -> dict[str, float]:
     return multiples
 
 
-def report_targets(multiples: dict[str, float]) -> None:
+def floor_multiples(args, dtype) -> dict[str, float]:
+    """The plain-torch floors of KFAC and K-BFGS (``benchmarks/floors.py``) on digits-mlp, in SGD steps.
+
+    Measured like the table's rows (the same batches, a unit right before each); float32 only.
+    """
+    import torch
+    from floors import KbfgsFloor, KfacFloor
+
+    import curvlab as cl
+
+    if dtype != torch.float32:
+        return {}
+    prob = cl.problems.load("digits-mlp", n=args.batch * args.batches, dtype=dtype)
+    data = batches(prob, args.batch, args.batches)
+    out = {}
+    for method, cls in (("kfac", KfacFloor), ("kbfgs", KbfgsFloor)):
+        unit = sgd_unit(prob, data)
+        obj, cycle = cls(copy.deepcopy(prob.model)), itertools.cycle(data)
+        t, _ = steady_step_time(lambda obj=obj, cycle=cycle: obj.step(*next(cycle)),
+                                period_of(method, {}), args.repeats)
+        out[method] = t / unit
+    return out
+
+
+def report_targets(multiples: dict[str, float], floors: dict[str, float]) -> None:
     labels = {"kbfgs": "K-BFGS step", "kfac": "KFAC step, inverses every 10 steps", "ng": "ng step, batch 128"}
     rows = []
     for m, bound in TARGETS.items():
         x = multiples.get(m)
         got = "not measured" if x is None else f"{x:.1f}x"
         verdict = "" if x is None else ("met" if x <= bound else "missed")
-        rows.append([labels[m], f"≤ {bound:g}x SGD", got, verdict])
+        floor = f"{floors[m]:.1f}x" if m in floors else "-"
+        rows.append([labels[m], f"≤ {bound:g}x SGD", got, floor, verdict])
     print("Targets (issue 10, digits-mlp):")
-    print(table(rows, ["target", "bound", "measured", ""]))
+    print(table(rows, ["target", "bound", "measured", "plain-torch floor (benchmarks/floors.py)", ""]))
     print()
 
 
@@ -556,7 +583,7 @@ def main(argv=None) -> None:
             if name == "digits-mlp":
                 found = multiples
         if "digits-mlp" in args.problems.split(","):
-            report_targets(found)
+            report_targets(found, floor_multiples(args, dtype))
     if not args.no_grouped:
         bench_grouped_newton(args, dtype)
     if args.profile:
