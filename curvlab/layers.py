@@ -63,12 +63,12 @@ def _linear_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, ..., d_out) -> (
 def _conv_inputs(module: nn.Module, inp: Tensor) -> Tensor:  # unfolded patches (N, L, C·kh·kw)
     patches = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,
                        stride=module.stride)
-    return patches.transpose(1, 2)
+    return patches.transpose(1, 2).contiguous()  # one copy here, not one per later reshape into rows
 
 
 def _conv_grad(out_grad: Tensor, n: int) -> Tensor:  # (k, N, d_out, H, W) -> (k, N, L, d_out)
     k, _, d_out = out_grad.shape[:3]
-    return out_grad.reshape(k, n, d_out, math.prod(out_grad.shape[3:])).transpose(2, 3)
+    return out_grad.reshape(k, n, d_out, math.prod(out_grad.shape[3:])).transpose(2, 3).contiguous()
 
 
 def _conv_supported(m: nn.Module) -> str | None:
