@@ -141,10 +141,12 @@ def test_train_options_name_each_method():
     config = kvn.STUDY.config
     assert kvn.train_options("kfac-exact", 0.1, 0.3, config) == (
         "kfac", {"lr": 0.1, "momentum": 0.9, "damping": 0.3, "kl_clip": None, "inverse_period": 1,
-                 "damping_rule": "exact"})
+                 "damping_rule": "exact", "fisher": "ggn"})
     assert kvn.train_options("sgd", 0.3, 0.0, config) == ("sgd", {"lr": 0.3, "momentum": 0.9})
     name, options = kvn.train_options("ng-block", 0.1, 0.1, config)
     assert name == "ng-block" and "inverse_period" not in options and options["damping"] == 0.1
+    assert options["fisher"] == "ggn"  # the exact GGN the committed runs used (cl.optim defaults to fisher_mc)
+    assert "fisher" not in kvn.train_options("foof", 0.1, 0.1, config)[1]
 
 
 def test_bad_configurations_are_refused():

@@ -131,7 +131,7 @@ def test_training_run_recomputed(ds):
     config = cl.studies.get("trace-restricted").resolve(quick=True, **OVERRIDES)
     prob = cl.problems.load(config["problem"], n=config["n"], seed=1)
     again = cl.optim.train(prob, "tkfac", steps=config["train_steps"], batch_size=config["batch_size"], seed=1,
-                           progress=False, lr=config["lr"], damping=config["train_damping"])
+                           progress=False, lr=config["lr"], damping=config["train_damping"], fisher="ggn")
     np.testing.assert_allclose(again["loss"].values, ds["train_loss"].sel(train_method="tkfac", train_seed=1),
                                rtol=1e-9)
 
