@@ -18,7 +18,10 @@ vector, no ``Problem``, no CurvatureMatrix — and the same settings as ``cl.opt
   read), heavy-ball momentum 0.9 and the update by ``torch._foreach`` ops. A second variant runs the
   forward pass once on the batch stacked twice and one backward pass of [∇_f L; p − e_ŷ] to the z's,
   reading ∇W = g_Lᵀ h off the first half (valid only for models whose samples do not interact: no
-  batch normalisation, no dropout — which is why the library does not do this).
+  batch normalisation, no dropout — which is why the library does not do this). ``--compiled`` adds
+  a third: everything after the two backward passes (averages, direction, clipping with the factor
+  kept on the device, momentum, step) as one function under ``torch.compile`` (inductor's C++ kernels;
+  compiled at the first step, not timed).
 * **K-BFGS** (Goldfarb, Ren & Bahamou 2020): pass 1 — forward with hooks, backward of the loss to the
   parameters and the z's; A's moving average (ρ = 0.9), the Hessian-action BFGS update of H_a with
   s_a = H_a h̄, y_a = (A + √λ I) s_a; the direction −H_g [∇W ∇b] H_a on the momentum-averaged gradient
@@ -90,7 +93,7 @@ class KfacFloor:
     """KFAC in plain torch (see the module docstring); ``stacked=True``: the batch-stacked variant."""
 
     def __init__(self, model, lr=0.1, damping=1e-2, decay=0.95, momentum=0.9, kl_clip=1e-2, period=10,
-                 stacked=False) -> None:
+                 stacked=False, compiled=False) -> None:
         import torch
 
         self.model, self.layers = model, _linear_layers(model)
@@ -104,6 +107,7 @@ class KfacFloor:
         self.buf: list | None = None
         self.k = 0
         self.minus_one = torch.full((1, 1), -1.0)
+        self.compiled = torch.compile(self._post, dynamic=False) if compiled else None
 
     def _statistics(self, X, y):
         import torch
@@ -144,12 +148,32 @@ class KfacFloor:
             self.inv.append((torch.cholesky_inverse(torch.linalg.cholesky(A + la * eye_a)),
                              torch.cholesky_inverse(torch.linalg.cholesky(G + lg * eye_g))))
 
+    def _post(self, hs, gs, Ms, A, G, inv, buf):
+        """The step after the backward passes as one pure function (for ``compiled``): new A, G, buffer, steps."""
+        import torch
+
+        n, b = hs[0].shape[0], self.decay
+        A = [torch.addmm(a, h.T, h, beta=b, alpha=(1 - b) / n) for a, h in zip(A, hs)]
+        G = [torch.addmm(g_, g.T, g, beta=b, alpha=(1 - b) / n) for g_, g in zip(G, gs)]
+        ds = [Gi @ M @ Ai for (Ai, Gi), M in zip(inv, Ms)]
+        quad = self.lr**2 * sum((d * M).sum() for d, M in zip(ds, Ms)).abs()
+        nu = torch.clamp(torch.sqrt(self.kl_clip / quad), max=1.0)
+        buf = [self.momentum * B + d for B, d in zip(buf, ds)]
+        steps = [v * (-self.lr * nu) for B in buf for v in (B[:, :-1], B[:, -1])]
+        return A, G, buf, steps
+
     def step(self, X, y) -> None:
         import torch
 
         with torch.enable_grad():
             loss, Ms, hs, gs = self._statistics(X, y)
         n, b = X.shape[0], self.decay
+        if self.compiled is not None and self.buf is not None and self.k % self.period != 0:
+            with torch.no_grad():
+                self.A, self.G, self.buf, steps = self.compiled(hs, gs, Ms, self.A, self.G, self.inv, self.buf)
+                torch._foreach_add_(self.params, steps)
+            self.k += 1
+            return
         with torch.no_grad():
             for i, (h, g) in enumerate(zip(hs, gs)):
                 if self.A[i] is None:
@@ -266,6 +290,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also KFAC with its post-backward math under torch.compile (needs a C++ compiler)")
     args = parser.parse_args()
     reexec_with_heap_reuse()
     import torch
@@ -295,6 +321,8 @@ def main() -> None:
     rows = [("KFAC (fisher_mc, statistics every step, inverses every 10)", [
                 ("plain torch, two backward passes", stepper(KfacFloor)),
                 ("plain torch, one backward of the stacked batch", stepper(lambda m: KfacFloor(m, stacked=True))),
+                *([("plain torch, the math after the backward passes under torch.compile",
+                    stepper(lambda m: KfacFloor(m, compiled=True)))] if args.compiled else []),
                 ("curvlab cl.optim 'kfac'", stepper(curvlab("kfac")))], 2.0),
             ("K-BFGS (two passes per step)", [
                 ("plain torch", stepper(KbfgsFloor)),
