@@ -184,7 +184,7 @@ def _registry() -> dict[str, TrainingMethod]:
         if name == "foof":
             defaults.pop("fisher")
         reg[name] = TrainingMethod(name, desc, defaults, _kronecker(name), frozenset(defaults) - _COMMON)
-    for name, structure, desc in (("ng", "low_rank", "exact subsampled natural gradient (GGN), Woodbury"),
+    for name, structure, desc in (("ng", "low_rank", "exact subsampled natural gradient (sampled labels), Woodbury"),
                                   ("ng-block", "block_low_rank", "block-diagonal exact natural gradient")):
         reg[name] = TrainingMethod(name, desc, dict(_NG_DEFAULTS), _exact("ggn", structure),
                                    frozenset(_NG_DEFAULTS) - _COMMON)

@@ -222,12 +222,14 @@ class KroneckerPreconditioner(Preconditioner):
 class ExactPreconditioner(Preconditioner):
     """Exact curvature of the current curvature batch: natural gradient / GGN or Newton.
 
-    ``"ng"`` / ``"ng-block"``: the exact subsampled natural gradient, −(F + λI)⁻¹g with F the GGN
-    (``fisher="type2"``; the exact Fisher for the supported losses), its Monte-Carlo estimate or the
-    empirical Fisher of the curvature batch, full or block-diagonal over the partition, solved by
-    Woodbury on its low-rank factor (F = UᵀU with N·C rows: a few GEMMs of size N·C, never P×P — unless
-    the rows outnumber the parameters, when the layer-structured dense matrix is the cheaper form;
-    Benzing 2022, arXiv 2201.12250; Koroko et al. 2023, arXiv 2303.18083). ``"newton"`` /
+    ``"ng"`` / ``"ng-block"``: the exact subsampled natural gradient, −(F + λI)⁻¹g with F the Fisher
+    of one sampled label per example (``fisher="mc"``, the methods' default: N rows), the GGN
+    (``fisher="type2"``; the exact Fisher for the supported losses: N·C rows) or the empirical Fisher
+    of the curvature batch, full or block-diagonal over the partition, solved by Woodbury on its
+    low-rank factor (F = UᵀU: a few GEMMs of the size of its rows, never P×P — unless the rows
+    outnumber the parameters, when the layer-structured dense matrix is the cheaper form; Benzing
+    2022, arXiv 2201.12250; Koroko et al. 2023, arXiv 2303.18083). Its pass also gives the step's
+    loss and gradient (:meth:`loss_and_gradient`; ``fused_gradient=False``: a separate pass). ``"newton"`` /
     ``"newton-block"``: the exact damped Hessian (dense, for small problems); an indefinite H + λI
     gives a step that need not descend (a saddle-free variant is ``hessian_rule="abs"``: |H| from the
     eigendecomposition, Dauphin et al. 2014, arXiv 1406.2572). Rebuilt every ``inverse_period`` steps.
