@@ -581,7 +581,9 @@ def note_model_holds(model: nn.Module, theta: Tensor) -> None:
 
     :func:`model_holds_theta` then answers from the parameters' version counters and storage instead of
     comparing values, until :func:`forget_model_holds`. Writes that bypass the version counter (in place
-    through ``.data``) go unseen, so a note is meant to live only as long as one optimizer step.
+    through ``.data``) go unseen, so a note is meant to live only as long as one optimizer step, where
+    no user code runs between the note and its use (which is also why the optimizer does not keep θ
+    across steps this way: a ``p.data.clamp_(…)`` between steps would be lost).
     """
     _HELD[model] = (weakref.ref(theta), theta._version, _signature(_trainable(model)))
 
