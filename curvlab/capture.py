@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from curvlab import memory
-from curvlab.layers import RULES, structured_layers
+from curvlab.layers import Layer, structured_layers, survey
 from curvlab.linalg.layout import KronLayout
 from curvlab.problem import Problem
 from curvlab.vocabulary import fisher_type
@@ -54,20 +54,47 @@ __all__ = ["LayerIO", "Capture", "capture", "recording", "supported_layers", "pe
 class LayerIO:
     """One layer's inputs and backpropagated cotangents.
 
-    ``a`` has shape (N, T, d_in): the layer input (convolution: unfolded patches, channel-major
+    ``layer`` is the survey's :class:`~curvlab.layers.Layer` (its module, kind, parameter names and
+    place in θ; the properties ``name``, ``module``, ``kind``, ``weight``, ``bias`` and ``start`` read
+    it). ``a`` has shape (N, T, d_in): the layer input (convolution: unfolded patches, channel-major
     as in ``weight.flatten()``) at T positions (T = 1 without weight sharing); ``g`` has shape
     (k, N, T, d_out): ∂(u_k · f)/∂z at the layer's pre-activations. The layer's parameters sit in
     θ at ``start`` as the weight (d_out × d_in row-major) followed by the bias when ``has_bias``.
     """
 
-    name: str
-    module: nn.Module
-    kind: str
-    weight: str
-    bias: str | None
-    start: int
+    layer: Layer
     a: Tensor
     g: Tensor
+
+    @property
+    def name(self) -> str:
+        """The layer's module name."""
+        return self.layer.name
+
+    @property
+    def module(self) -> nn.Module:
+        """The layer's module."""
+        return self.layer.module
+
+    @property
+    def kind(self) -> str:
+        """The layer rule's kind (``"linear"``, ``"conv2d"``)."""
+        return self.layer.kind
+
+    @property
+    def weight(self) -> str:
+        """The weight's parameter name."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> str | None:
+        """The bias's parameter name (None without one)."""
+        return self.layer.bias
+
+    @property
+    def start(self) -> int:
+        """Where the layer's parameters start in θ."""
+        return self.layer.start
 
     @property
     def has_bias(self) -> bool:
@@ -488,12 +515,15 @@ def _output_grads(f: Tensor, zs: list[Tensor], U: Tensor) -> list[Tensor | None]
 
 
 def layer_piece(prob: Problem, name: str, module: nn.Module, a_in: Tensor, gz: Tensor) -> LayerIO:
-    """Return the LayerIO of layer ``name`` from its recorded input and output cotangents gz (k, *z.shape)."""
-    rule = RULES[type(module)]
-    prefix = f"{name}." if name else ""
-    bias = prefix + "bias" if prefix + "bias" in prob.param_slices else None
-    return LayerIO(name, module, rule.kind, prefix + "weight", bias, prob.param_slices[prefix + "weight"].start,
-                   rule.inputs(module, a_in), rule.grads(gz, prob.X.shape[0]))
+    """Return the LayerIO of layer ``name`` from its recorded input and output cotangents gz (k, *z.shape).
+
+    ``name`` is a layer of :func:`curvlab.layers.survey` (its :class:`~curvlab.layers.Layer` is kept).
+    """
+    layer = survey(prob).layers[name]
+    if layer.module is not module:  # pragma: no cover - defensive: the survey is of this very model
+        raise RuntimeError(f"layer {name!r} is not the surveyed module")
+    rule = layer.rule
+    return LayerIO(layer, rule.inputs(module, a_in), rule.grads(gz, prob.X.shape[0]))
 
 
 def _layer_pieces(prob: Problem, layers: dict[str, nn.Module],

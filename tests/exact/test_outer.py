@@ -21,6 +21,7 @@ from curvlab.exact.outer import (
     diag_from_capture,
     symmetrize_,
 )
+from curvlab.layers import Layer
 from curvlab.linalg import BlockDiagonal, Dense, Diagonal
 from curvlab.problem import Block, Partition
 
@@ -32,8 +33,9 @@ def _randn(*shape, seed):
 
 
 def layer(name: str, start: int, k: int, t: int, d_in: int, d_out: int, bias: bool, seed: int) -> LayerIO:
-    return LayerIO(name, None, "linear", f"{name}.weight", f"{name}.bias" if bias else None, start,
-                   _randn(N, t, d_in, seed=seed), _randn(k, N, t, d_out, seed=seed + 1))
+    stop = start + d_out * d_in + (d_out if bias else 0)
+    L = Layer(name, None, "linear", f"{name}.weight", f"{name}.bias" if bias else None, start, stop, 2 if t == 1 else 3)
+    return LayerIO(L, _randn(N, t, d_in, seed=seed), _randn(k, N, t, d_out, seed=seed + 1))
 
 
 def random_capture(k: int) -> Capture:
