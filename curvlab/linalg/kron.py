@@ -80,6 +80,24 @@ def factor_damping(mode: str, damping: Damping, eig_A: Tensor, eig_G: Tensor) ->
     return pi * math.sqrt(lam), math.sqrt(lam) / pi
 
 
+def product_tolerance(eA: Tensor, eG: Tensor, dA: float, dG: float) -> Tensor:
+    """Return τ_ij, the rounding error of (λ^G_i + δ_G)(λ^A_j + δ_A) from the factor eigenvalues' own errors.
+
+    τ_ij = √q·ε·max|λ^A|·(|λ^G_i| + δ_G) + √p·ε·max|λ^G|·(|λ^A_j| + δ_A), shape (p, q) (see
+    :meth:`EigenKron._checked_denominators` and ``docs/damping.md``).
+    """
+    tA = singular_tolerance(float(eA.abs().max()), eA.numel(), eA.dtype)
+    tG = singular_tolerance(float(eG.abs().max()), eG.numel(), eG.dtype)
+    return tA * (eG.abs() + abs(dG))[:, None] + tG * (eA.abs() + abs(dA))[None, :]
+
+
+def refuse_singular(C: CurvatureMatrix, d: Tensor, tol: Tensor, damping: Damping, mode: str, rule: str) -> None:
+    """Raise ``C.singular_error`` at the damped eigenvalue d_ij furthest below its threshold, if any |d| ≤ tol."""
+    if bool((d.abs() <= tol).any()):
+        k = int(torch.argmin(d.abs() - tol))
+        raise C.singular_error(damping, float(d.abs().reshape(-1)[k]), mode, float(tol.reshape(-1)[k]), rule)
+
+
 class KroneckerFactored(CurvatureMatrix):
     """What Kron and EigenKron share: the layer's folded layout and the damping modes.
 
@@ -250,7 +268,7 @@ class EigenKron(KroneckerFactored):
             tA = singular_tolerance(float(eA.abs().max()), eA.numel(), self.dtype)
             tG = singular_tolerance(float(eG.abs().max()), eG.numel(), self.dtype)
         if self.product:
-            tol = tA * (eG.abs() + abs(dG))[:, None] + tG * (eA.abs() + abs(dA))[None, :]
+            tol = product_tolerance(eA, eG, dA, dG)
         elif self.squares:
             eps = singular_tolerance(1.0, self.S.numel(), self.dtype)  # ε' = √n·ε
             total = float(self.S.sum())
@@ -259,11 +277,9 @@ class EigenKron(KroneckerFactored):
                 tol = tol + (tA * abs(dG) + tG * abs(dA))
         else:
             tol = torch.full_like(d, singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype))
-        if bool((d.abs() <= tol).any()):
-            k = int(torch.argmin(d.abs() - tol))
-            rule = ("the rounding error of the damped factor eigenvalues' product" if self.product else
-                    "the rounding error of the squared projections" if self.squares else "√n·ε·scale")
-            raise self.singular_error(damping, float(d.abs().reshape(-1)[k]), mode, float(tol.reshape(-1)[k]), rule)
+        rule = ("the rounding error of the damped factor eigenvalues' product" if self.product else
+                "the rounding error of the squared projections" if self.squares else "√n·ε·scale")
+        refuse_singular(self, d, tol, damping, mode, rule)
         self._cache[key] = d
         return d
 
@@ -430,13 +446,41 @@ class Kron(KroneckerFactored):
     def _solve_mode(self, V: Tensor, damping: Damping, mode: str) -> Tensor:
         return self.eigen()._solve_mode(V, damping, mode)
 
+    def factor_eigvalsh(self) -> tuple[Tensor, Tensor]:
+        """Return the eigenvalues of A and G (ascending; those of :meth:`factor_eigh` when it has run, cached)."""
+        if "factors" in self._cache:
+            (eA, _), (eG, _) = self._cache["factors"]
+            return eA, eG
+        if "factor_values" not in self._cache:
+            self._cache["factor_values"] = (torch.linalg.eigvalsh(self.A), torch.linalg.eigvalsh(self.G))
+        return self._cache["factor_values"]
+
     def _inverse_mode(self, damping: Damping, mode: str) -> CurvatureMatrix:
+        """Return (A + δ_A I)⁻¹ ⊗ (G + δ_G I)⁻¹ for a factored mode (exact: through the eigen form).
+
+        The refusal is the solve's (:func:`product_tolerance` on the factor eigenvalues, which need no
+        eigenvectors); the inverse factors come from Cholesky factorisations, or from the factors'
+        eigendecompositions when a damped factor is not positive definite (a product of two negative
+        definite ones).
+        """
         if mode == "exact":
             return self.eigen()._inverse_mode(damping, mode)
-        self.eigen()._checked_denominators(damping, mode)  # the solve's test: the same refusals
-        (eA, QA), (eG, QG) = self.factor_eigh()
+        eA, eG = self.factor_eigvalsh()
         dA, dG = factor_damping(mode, damping, eA, eG)
-        return Kron((QA / (eA + dA)) @ QA.T, (QG / (eG + dG)) @ QG.T, self.bias)
+        d = (eG + dG)[:, None] * (eA + dA)[None, :]
+        if not all_finite(d):
+            raise FloatingPointError(f"{type(self).__name__}: its damped eigenvalues are not finite (NaN or inf: "
+                                     "statistics that overflowed or came from non-finite data); nothing to solve")
+        refuse_singular(self, d, product_tolerance(eA, eG, dA, dG), damping, mode,
+                        "the rounding error of the damped factor eigenvalues' product")
+        inverses = []
+        for M, delta in ((self.A, dA), (self.G, dG)):
+            L, info = torch.linalg.cholesky_ex(M + delta * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+            inverses.append(torch.cholesky_inverse(L) if int(info) == 0 else None)
+        if inverses[0] is None or inverses[1] is None:
+            (eA, QA), (eG, QG) = self.factor_eigh()
+            inverses = [(QA / (eA + dA)) @ QA.T, (QG / (eG + dG)) @ QG.T]
+        return Kron(inverses[0], inverses[1], self.bias)
 
     def _eigh(self) -> Eigh:
         return self.eigen()._eigh()
