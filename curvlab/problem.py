@@ -347,6 +347,18 @@ class Problem:
             new.loss_scale = self.likelihood.scale(new.output())
         return new
 
+    def check_batch(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Return a batch of other data (X, y) checked as :meth:`with_batch` checks it, without a new problem.
+
+        The same per-sample shapes as the problem's, finite, cast to the parameters' dtype and device;
+        raises ``ValueError`` otherwise.
+        """
+        X, y = self._prepare_data(X, y)
+        if X.shape[1:] != self.X.shape[1:] or y.shape[1:] != self.y.shape[1:]:
+            raise ValueError(f"the batch's samples have shapes X {tuple(X.shape[1:])}, y {tuple(y.shape[1:])}; "
+                             f"the problem's are X {tuple(self.X.shape[1:])}, y {tuple(self.y.shape[1:])}")
+        return X, y
+
     def with_batch(self, X: Tensor, y: Tensor, theta: Tensor | None = None) -> Problem:
         """Return the same problem on other data of the same per-sample shapes (a minibatch), optionally at θ.
 
@@ -354,10 +366,7 @@ class Problem:
         forward pass is run (the loss scale follows from the batch size). Raises ``ValueError`` when a
         sample's shape differs from the problem's.
         """
-        X, y = self._prepare_data(X, y)
-        if X.shape[1:] != self.X.shape[1:] or y.shape[1:] != self.y.shape[1:]:
-            raise ValueError(f"the batch's samples have shapes X {tuple(X.shape[1:])}, y {tuple(y.shape[1:])}; "
-                             f"the problem's are X {tuple(self.X.shape[1:])}, y {tuple(self.y.shape[1:])}")
+        X, y = self.check_batch(X, y)
         new = self._copy()
         new.X, new.y, new.num_samples = X, y, X.shape[0]
         new.loss_scale = self.likelihood.scale(torch.empty((X.shape[0], *self.output_shape), device="meta"))

@@ -308,3 +308,20 @@ def test_a_non_finite_update_raises_before_the_model_changes():
         with pytest.raises(FloatingPointError, match="kfac.*step 1"):
             opt.step(prob.X[32:], prob.y[32:])
         assert torch.equal(opt.theta(), before), failure
+
+
+@pytest.mark.parametrize("method", ["sgd", "adam", "kfac", "ng", "kbfgs"])
+def test_every_step_checks_its_batch(method):
+    """A NaN in a later minibatch, or a sample of another shape, raises ValueError before any update."""
+    prob = cl.problems.load("digits-mlp", n=64)
+    opt = optim.make(method, cl.problems.load("digits-mlp", n=64).model, prob.loss_fn,
+                     **({"lr": 0.1} if method == "sgd" else {}))
+    opt.step(prob.X[:32], prob.y[:32])
+    before = opt.theta()
+    X = prob.X[32:].clone()
+    X[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="X contains NaN"):
+        opt.step(X, prob.y[32:])
+    with pytest.raises(ValueError, match="shapes"):
+        opt.step(prob.X[32:, :10], prob.y[32:])
+    assert torch.equal(opt.theta(), before)

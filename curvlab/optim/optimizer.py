@@ -270,7 +270,10 @@ class TorchOptimizer(_BatchOptimizer):
     def step(self, X: Tensor | None = None, y: Tensor | None = None, closure: Callable | None = None) -> float:
         """One update of torch's optimizer on the minibatch; returns the batch loss."""
         X, y = self._batch(X, y, closure)
-        self.problem(X, y)  # checks the batch
+        if self._problem is None:
+            self.problem(X, y)  # builds and checks the first batch
+        else:
+            self._problem.check_batch(X, y)  # the same checks, no problem built
         before = self.theta()
         self.inner.zero_grad()
         with torch.enable_grad():
