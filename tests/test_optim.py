@@ -325,3 +325,13 @@ def test_every_step_checks_its_batch(method):
     with pytest.raises(ValueError, match="shapes"):
         opt.step(prob.X[32:, :10], prob.y[32:])
     assert torch.equal(opt.theta(), before)
+
+
+def test_train_records_every_option_in_effect():
+    """The dataset's attributes hold the method's defaults as well as the options given (option_*)."""
+    prob = cl.problems.load("digits-mlp", n=64)
+    ds = optim.train(prob, "kfac", steps=1, batch_size=32, progress=False, damping=0.05)
+    assert ds.attrs["option_fisher"] == "fisher_mc" and ds.attrs["option_damping"] == 0.05
+    assert ds.attrs["option_inverse_period"] == 10 and ds.attrs["option_lr"] == 0.1
+    sgd = optim.train(prob, "sgd", steps=1, batch_size=32, progress=False, lr=0.2)
+    assert sgd.attrs["option_lr"] == 0.2 and sgd.attrs["option_momentum"] == 0

@@ -251,19 +251,24 @@ def make(method: str, model: nn.Module, loss_fn: nn.Module, **options: Any) -> C
     """Return the optimizer for ``method`` (see :data:`METHODS` and the module docstring for the options).
 
     Every option is checked here, before any step; layers the method does not support raise at the
-    first step, before any parameter changes.
+    first step, before any parameter changes. ``opt.options`` holds every option in effect, the
+    method's defaults included.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; valid names: {', '.join(METHODS)}")
     spec = METHODS[method]
     if spec.build is None:
-        return TorchOptimizer(model, loss_fn, method, **options)
+        opt = TorchOptimizer(model, loss_fn, method, **options)
+        opt.options = {k: v for k, v in opt.inner.defaults.items() if isinstance(v, (bool, int, float, str, tuple))}
+        return opt
     o = _options(spec, options)
     layered = method in ("kbfgs", "kbfgs-l") or (
         (method in _KRON_METHODS or method.startswith("kfac-2l-")) and o["unsupported"] == "error")
     if layered:
         _check_layers(model, method)
     pre = spec.build(o)
-    return CurvatureOptimizer(model, loss_fn, pre, method, lr=o["lr"], momentum=o["momentum"],
-                              weight_decay=o["weight_decay"], kl_clip=o["kl_clip"],
-                              curvature_fraction=o.get("curvature_fraction", 1.0), seed=o["seed"])
+    opt = CurvatureOptimizer(model, loss_fn, pre, method, lr=o["lr"], momentum=o["momentum"],
+                             weight_decay=o["weight_decay"], kl_clip=o["kl_clip"],
+                             curvature_fraction=o.get("curvature_fraction", 1.0), seed=o["seed"])
+    opt.options = dict(o)  # every option in effect, the method's defaults included (cl.optim.train records them)
+    return opt

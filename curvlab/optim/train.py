@@ -153,7 +153,7 @@ def _dataset(prob, method, opt, options, seed, batch_size, steps, cps, thetas, s
     data["theta"] = (("checkpoint", "param"), np.stack([thetas[c] for c in cps]),
                      {"units": "parameter", "description": "flat parameters (the problem's parameter order)"})
     attrs = {"method": method, "batch_seed": seed, "batch_size": batch_size, "steps": steps,
-             **{f"option_{k}": _attr(v) for k, v in options.items() if v is not None},
+             **{f"option_{k}": _attr(v) for k, v in getattr(opt, "options", options).items() if v is not None},
              **{f"problem_{k}": _attr(v) for k, v in prob.summary().items()},
              "problem": prob.name, "n": int(prob.meta.get("n", prob.num_samples)),
              "seed": int(prob.meta.get("seed", 0)),
