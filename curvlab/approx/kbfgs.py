@@ -70,6 +70,7 @@ from curvlab.approx.factors import collect
 from curvlab.capture import LayerIO
 from curvlab.linalg.base import all_finite
 from curvlab.linalg.kron import Kron
+from curvlab.linalg.layout import KronLayout
 from curvlab.problem import Problem
 
 __all__ = ["bfgs_inverse_update", "powell_damping", "lm_damping", "double_damping", "bfgs_skip_reason",
@@ -397,6 +398,7 @@ class KBFGSLayerState:
     counters: KBFGSCounters = field(default_factory=KBFGSCounters)
 
     def __post_init__(self) -> None:
+        self.layout = KronLayout(self.d_out, self.d_in, self.has_bias)  # [W b] ↔ parameter order
         if self.history is None:
             self.H_g = self.gamma * torch.eye(self.d_out, dtype=self.dtype, device=self.device)
         else:
@@ -415,16 +417,11 @@ class KBFGSLayerState:
         if v.shape != (self.stop - self.start,):
             raise ValueError(f"layer {self.name!r} takes a vector of length {self.stop - self.start}; "
                              f"got shape {tuple(v.shape)}")
-        if not self.has_bias:
-            return v.reshape(self.d_out, self.d_in)
-        w = self.d_out * (self.d_in - 1)
-        return torch.cat([v[:w].reshape(self.d_out, self.d_in - 1), v[w:, None]], dim=1)
+        return self.layout.fold(v)
 
     def from_matrix(self, X: Tensor) -> Tensor:
         """Flatten the d_out × d_in matrix [W b] into parameter order (weight row-major, then bias)."""
-        if not self.has_bias:
-            return X.reshape(-1)
-        return torch.cat([X[:, :-1].reshape(-1), X[:, -1]])
+        return self.layout.unfold(X)
 
     # -- input side ------------------------------------------------------------------------------
     def observe(self, A_batch: Tensor, decay: float, damping: float) -> None:

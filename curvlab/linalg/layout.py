@@ -43,7 +43,7 @@ class KronLayout:
         if bias and cols < 1:
             raise ValueError("a folded bias needs at least one column")
         self.rows, self.cols, self.bias = rows, cols, bool(bias)
-        self._perm: dict[torch.device, Tensor] = {}
+        self._perm: dict = {}  # device (or ("inverse", device)) → index
 
     @classmethod
     def of_layer(cls, d_out: int, d_in: int, bias: bool) -> KronLayout:
@@ -86,8 +86,12 @@ class KronLayout:
         return self._perm[device]
 
     def inverse_perm(self, device: torch.device | str = "cpu") -> Tensor:
-        """Index σ with v_folded = v_param[σ]."""
-        return torch.argsort(self.perm(device))
+        """Index σ with v_folded = v_param[σ] (cached per device)."""
+        device = torch.device(device)
+        key = ("inverse", device)
+        if key not in self._perm:
+            self._perm[key] = torch.argsort(self.perm(device))
+        return self._perm[key]
 
     def to_param_order(self, M: Tensor) -> Tensor:
         """Return a folded-order square matrix (p·q × p·q) in parameter order (rows and columns permuted)."""
@@ -125,14 +129,13 @@ class KronLayout:
         """Return one flat parameter-order vector (p·q,) as its folded p×q matrix [W b] (2-D: plain GEMMs)."""
         if not self.bias:
             return v.view(self.rows, self.cols)
-        w = self.weight_size
-        return torch.cat([v[:w].view(self.rows, self.cols - 1), v[w:, None]], dim=1)
+        return torch.index_select(v, 0, self.inverse_perm(v.device)).view(self.rows, self.cols)  # one gather
 
     def unfold(self, X: Tensor) -> Tensor:
         """Return the folded p×q matrix X as a flat parameter-order vector (p·q,): the inverse of :meth:`fold`."""
         if not self.bias:
             return X.reshape(-1)
-        return torch.cat([X[:, :-1].reshape(-1), X[:, -1]])
+        return torch.index_select(X.reshape(-1), 0, self.perm(X.device))
 
     def rows_from_mats(self, X: Tensor) -> Tensor:
         """Folded matrices (..., p, q) → flat rows (..., p·q) in parameter order."""
