@@ -76,11 +76,13 @@ class KroneckerPreconditioner(Preconditioner):
     Every ``stats_period`` steps the method's batch statistics (:mod:`curvlab.approx.statistics`:
     A, G, tr F, S*) enter exponential moving averages with decay ``ema_decay`` (the first batch
     initialises them); every ``inverse_period`` steps the preconditioner is rebuilt from the averages
-    — its factor eigendecompositions are computed then and reused until the next refresh, as KFAC's
-    amortised inverses are. EKFAC/TEKFAC re-estimate their eigenbasis at each refresh from the
-    averaged factors and restart the average of S* in the new basis (George et al. 2018). With
-    ``ema_decay=0`` and both periods 1 each step uses exactly ``cl.approx.<method>`` on its batch.
-    The direction is ``C.direction(g, damping, mode=damping_rule)`` (``"own"``: the method's rule).
+    — its damped inverse ``C.inverse(λ, rule)`` is computed then and reused until the next refresh, as
+    KFAC's amortised inverses are (a Kron block's factored inverse: the factors' eigenvalues for the
+    refusal test, Cholesky factorisations for the inverse factors). EKFAC/TEKFAC re-estimate their
+    eigenbasis at each refresh from the averaged factors and restart the average of S* in the new basis
+    (George et al. 2018). With ``ema_decay=0`` and both periods 1 each step uses exactly
+    ``cl.approx.<method>`` on its batch. The direction is ``C.direction(g, damping, mode=damping_rule)``
+    (``"own"``: the method's rule), taken through that inverse.
 
     On the steps that collect statistics from the step batch itself the loss and gradient come from
     the statistics pass (``loss_and_gradient``: the loss's output cotangent joins the batched backward
