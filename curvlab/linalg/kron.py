@@ -80,19 +80,31 @@ def factor_damping(mode: str, damping: Damping, eig_A: Tensor, eig_G: Tensor) ->
     return pi * math.sqrt(lam), math.sqrt(lam) / pi
 
 
+def _factor_errors(eA: Tensor, eG: Tensor) -> tuple[float, float]:
+    """Return the rounding errors √q·ε·max|λ^A| and √p·ε·max|λ^G| of the factors' eigenvalues."""
+    return (singular_tolerance(float(eA.abs().max()), eA.numel(), eA.dtype),
+            singular_tolerance(float(eG.abs().max()), eG.numel(), eG.dtype))
+
+
 def product_tolerance(eA: Tensor, eG: Tensor, dA: float, dG: float) -> Tensor:
     """Return τ_ij, the rounding error of (λ^G_i + δ_G)(λ^A_j + δ_A) from the factor eigenvalues' own errors.
 
     τ_ij = √q·ε·max|λ^A|·(|λ^G_i| + δ_G) + √p·ε·max|λ^G|·(|λ^A_j| + δ_A), shape (p, q) (see
     :meth:`EigenKron._checked_denominators` and ``docs/damping.md``).
     """
-    tA = singular_tolerance(float(eA.abs().max()), eA.numel(), eA.dtype)
-    tG = singular_tolerance(float(eG.abs().max()), eG.numel(), eG.dtype)
+    tA, tG = _factor_errors(eA, eG)
     return tA * (eG.abs() + abs(dG))[:, None] + tG * (eA.abs() + abs(dA))[None, :]
 
 
 def refuse_singular(C: CurvatureMatrix, d: Tensor, tol: Tensor, damping: Damping, mode: str, rule: str) -> None:
-    """Raise ``C.singular_error`` at the damped eigenvalue d_ij furthest below its threshold, if any |d| ≤ tol."""
+    """Check the damped eigenvalues d of C against their thresholds ``tol`` (formed by ``rule``).
+
+    Raises ``FloatingPointError`` if d is not finite, else ``C.singular_error`` at the d_ij furthest
+    below its threshold if any |d_ij| ≤ tol_ij.
+    """
+    if not all_finite(d):
+        raise FloatingPointError(f"{type(C).__name__}: its damped eigenvalues are not finite (NaN or inf: "
+                                 "statistics that overflowed or came from non-finite data); nothing to solve")
     if bool((d.abs() <= tol).any()):
         k = int(torch.argmin(d.abs() - tol))
         raise C.singular_error(damping, float(d.abs().reshape(-1)[k]), mode, float(tol.reshape(-1)[k]), rule)
@@ -258,22 +270,18 @@ class EigenKron(KroneckerFactored):
         if key in self._cache:
             return self._cache[key]
         d = self._denominators(damping, mode)
-        if not all_finite(d):
-            raise FloatingPointError(f"{type(self).__name__}: its damped eigenvalues are not finite (NaN or inf: "
-                                     "statistics that overflowed or came from non-finite data); nothing to solve")
         factored = mode != "exact" and self.factor_eigenvalues is not None
-        if self.product or (self.squares and factored):
+        if factored and (self.product or self.squares):
             eA, eG = self.factor_eigenvalues
-            dA, dG = factor_damping(mode, damping, eA, eG) if factored else (0.0, 0.0)
-            tA = singular_tolerance(float(eA.abs().max()), eA.numel(), self.dtype)
-            tG = singular_tolerance(float(eG.abs().max()), eG.numel(), self.dtype)
+            dA, dG = factor_damping(mode, damping, eA, eG)
         if self.product:
-            tol = product_tolerance(eA, eG, dA, dG)
+            tol = product_tolerance(*self.factor_eigenvalues, *((dA, dG) if factored else (0.0, 0.0)))
         elif self.squares:
             eps = singular_tolerance(1.0, self.S.numel(), self.dtype)  # ε' = √n·ε
             total = float(self.S.sum())
             tol = eps * self.S + 2 * eps * (self.S.clamp(min=0) * total).sqrt() + eps * eps * total
             if factored:
+                tA, tG = _factor_errors(eA, eG)
                 tol = tol + (tA * abs(dG) + tG * abs(dA))
         else:
             tol = torch.full_like(d, singular_tolerance(float(self.S.abs().max()), self.S.numel(), self.dtype))
@@ -468,9 +476,6 @@ class Kron(KroneckerFactored):
         eA, eG = self.factor_eigvalsh()
         dA, dG = factor_damping(mode, damping, eA, eG)
         d = (eG + dG)[:, None] * (eA + dA)[None, :]
-        if not all_finite(d):
-            raise FloatingPointError(f"{type(self).__name__}: its damped eigenvalues are not finite (NaN or inf: "
-                                     "statistics that overflowed or came from non-finite data); nothing to solve")
         refuse_singular(self, d, product_tolerance(eA, eG, dA, dG), damping, mode,
                         "the rounding error of the damped factor eigenvalues' product")
         inverses = []
