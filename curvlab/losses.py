@@ -236,19 +236,22 @@ class CrossEntropy(Likelihood):
         """Draw m labels per position from Categorical(softmax(f)); shape (m, N, d₁, …)."""
         return self._draw(torch.softmax(f, dim=1), m, generator)
 
-    def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        """Return p − onehot(ŷ_s) for m labels ŷ_s drawn as in :meth:`sample`; shape (m, *f.shape)."""
-        # the same draws as sample(), with the softmax computed once: p − onehot(ŷ_s)
+    def _sampled(self, f: Tensor, m: int, generator: torch.Generator | None, y: Tensor | None) -> Tensor:
+        """Return p − onehot(ŷ_s) for m labels drawn as in :meth:`sample` (one softmax), then at y (if given)."""
         p = torch.softmax(f, dim=1)
         ys = self._draw(p, m, generator)
+        if y is not None:
+            ys = torch.cat([ys, y[None]])
         return p[None] - _one_hot(ys, f.shape[1], 2, p.dtype)
+
+    def sampled_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Return p − onehot(ŷ_s) for m labels ŷ_s drawn as in :meth:`sample`; shape (m, *f.shape)."""
+        return self._sampled(f, m, generator, None)
 
     def sampled_and_data_grad_output(self, f: Tensor, m: int, generator: torch.Generator | None,
                                      y: Tensor) -> Tensor:
         """Return p − onehot(·) at the m labels of :meth:`sampled_grad_output`, then at y; (m + 1, *f.shape)."""
-        p = torch.softmax(f, dim=1)
-        ys = torch.cat([self._draw(p, m, generator), y[None]])
-        return p[None] - _one_hot(ys, f.shape[1], 2, p.dtype)
+        return self._sampled(f, m, generator, y)
 
 
 class SquaredError(Likelihood):
