@@ -258,9 +258,7 @@ def make(method: str, model: nn.Module, loss_fn: nn.Module, **options: Any) -> C
         raise ValueError(f"unknown training method {method!r}; valid names: {', '.join(METHODS)}")
     spec = METHODS[method]
     if spec.build is None:
-        opt = TorchOptimizer(model, loss_fn, method, **options)
-        opt.options = {k: v for k, v in opt.inner.defaults.items() if isinstance(v, (bool, int, float, str, tuple))}
-        return opt
+        return TorchOptimizer(model, loss_fn, method, **options)
     o = _options(spec, options)
     layered = method in ("kbfgs", "kbfgs-l") or (
         (method in _KRON_METHODS or method.startswith("kfac-2l-")) and o["unsupported"] == "error")
@@ -270,5 +268,5 @@ def make(method: str, model: nn.Module, loss_fn: nn.Module, **options: Any) -> C
     opt = CurvatureOptimizer(model, loss_fn, pre, method, lr=o["lr"], momentum=o["momentum"],
                              weight_decay=o["weight_decay"], kl_clip=o["kl_clip"],
                              curvature_fraction=o.get("curvature_fraction", 1.0), seed=o["seed"])
-    opt.options = dict(o)  # every option in effect, the method's defaults included (cl.optim.train records them)
+    opt.options.update(o)  # every option in effect, the method's defaults included (cl.optim.train records them)
     return opt

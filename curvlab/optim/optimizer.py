@@ -138,6 +138,8 @@ class CurvatureOptimizer(_BatchOptimizer):
         self._buffer: Tensor | None = None
         self.last_loss: float | None = None
         self.last_clip: float = 1.0
+        #: every option in effect, the method's defaults included (filled by :func:`curvlab.optim.make`)
+        self.options: dict[str, Any] = {}
 
     @property
     def lr(self) -> float:
@@ -258,6 +260,8 @@ class TorchOptimizer(_BatchOptimizer):
         inner = cls([p for p in model.parameters() if p.requires_grad], **options)  # torch checks its options
         super().__init__(model, loss_fn, method, dict(inner.defaults))
         self.inner = inner
+        #: torch's options in effect (its defaults included), the scalar ones
+        self.options = {k: v for k, v in inner.defaults.items() if isinstance(v, (bool, int, float, str, tuple))}
         self.param_groups = inner.param_groups
         self.state = inner.state
         self.last_loss: float | None = None

@@ -25,7 +25,9 @@ import curvlab.exact as exact
 from curvlab.approx.base import OWN_MODES, Approximation, assemble
 from curvlab.approx.factors import Collection, KronPiece, collect
 from curvlab.approx.statistics import FAMILIES, Basis, kronecker_basis
-from curvlab.capture import output_cotangents
+from curvlab.capture import capture_with_gradient, output_cotangents
+from curvlab.exact.curvature import from_capture
+from curvlab.layers import survey
 from curvlab.linalg import CurvatureMatrix
 from curvlab.problem import Problem
 
@@ -112,7 +114,7 @@ class KroneckerPreconditioner(Preconditioner):
         self.fused_gradient = fused_gradient
         self.plain_passes = plain_passes
         self._pending: tuple[Problem, int, Collection] | None = None
-        self._checked: tuple[Approximation, float, str] | None = None  # what the cached inverse inverts
+        self._inverted: tuple[Approximation, float, str] | None = None  # (matrix, λ, rule) of _inverse
         self._inverse: CurvatureMatrix | None = None
 
     @staticmethod
@@ -206,9 +208,9 @@ class KroneckerPreconditioner(Preconditioner):
         to rounding (``tests/test_optim_fused.py``).
         """
         key = (self._matrix, self.damping, self.damping_rule)
-        if self._checked is None or self._checked[0] is not key[0] or self._checked[1:] != key[1:]:
+        if self._inverted is None or self._inverted[0] is not key[0] or self._inverted[1:] != key[1:]:
             self._inverse = self._matrix.inverse(self.damping, self.damping_rule)
-            self._checked = key
+            self._inverted = key
         return -(self._inverse @ g)
 
     def curvature(self) -> Approximation | None:
@@ -260,10 +262,6 @@ class ExactPreconditioner(Preconditioner):
         call of the model when every parameter sits in a structured layer, its precondition checked);
         None otherwise (the Hessian, other steps, another curvature batch: the optimizer's gradient pass).
         """
-        from curvlab.capture import capture_with_gradient
-        from curvlab.exact.curvature import from_capture
-        from curvlab.layers import survey
-
         self._pending = None
         same = curvature_batch is None or curvature_batch is batch
         if self.kind == "hessian" or not (self.fused_gradient and same and self._rebuilds(step)):

@@ -119,7 +119,7 @@ def train(prob: Problem, method: str, steps: int, batch_size: int = 64, seed: in
             bar.set_postfix(loss=f"{loss[t]:.4g}")
     if bar is not None:
         bar.close()
-    ds = _dataset(prob, method, opt, options, seed, batch_size, steps, cps, thetas,
+    ds = _dataset(prob, method, opt, seed, batch_size, steps, cps, thetas,
                   {"loss": loss, "batch_loss": batch_loss, "step_norm": step_norm, "seconds": seconds,
                    "clip": clip}, xr)
     return _add_records(ds, records, steps)
@@ -146,14 +146,14 @@ _UNITS = {"loss": ("loss", "training loss L(theta) on all of the problem's sampl
           "clip": ("1", "KL-clipping factor applied to the direction (1: not clipped; NaN: no clipping rule)")}
 
 
-def _dataset(prob, method, opt, options, seed, batch_size, steps, cps, thetas, series, xr):
+def _dataset(prob, method, opt, seed, batch_size, steps, cps, thetas, series, xr):
     from curvlab.compare.report import _attr, _versions
 
     data = {k: ("step", v, {"units": u, "description": d}) for k, (u, d) in _UNITS.items() for v in [series[k]]}
     data["theta"] = (("checkpoint", "param"), np.stack([thetas[c] for c in cps]),
                      {"units": "parameter", "description": "flat parameters (the problem's parameter order)"})
     attrs = {"method": method, "batch_seed": seed, "batch_size": batch_size, "steps": steps,
-             **{f"option_{k}": _attr(v) for k, v in getattr(opt, "options", options).items() if v is not None},
+             **{f"option_{k}": _attr(v) for k, v in opt.options.items() if v is not None},
              **{f"problem_{k}": _attr(v) for k, v in prob.summary().items()},
              "problem": prob.name, "n": int(prob.meta.get("n", prob.num_samples)),
              "seed": int(prob.meta.get("seed", 0)),
